@@ -1,0 +1,5 @@
+import sys
+
+from xtalker.parity.checker import main
+
+sys.exit(main())

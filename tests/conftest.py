@@ -1,0 +1,32 @@
+"""Shared fixtures: synthetic checkpoints (written once into a cache folder) and the reference golden folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def golden_dir() -> Path:
+    """The reference golden cases: $XTALKER_GOLDEN_DIR, else ../shared/reference/golden beside the checkout."""
+    return Path(os.environ.get("XTALKER_GOLDEN_DIR") or REPO.parent / "shared" / "reference" / "golden")
+
+
+@pytest.fixture(scope="session")
+def synthetic_checkpoints() -> Path:
+    """A folder with the four synthetic official files, verified by digest (written on first use, ~15 s)."""
+    from xtalker.parity.checker import default_cache_dir
+    from xtalker.synthetic import ensure_cached
+
+    return ensure_cached(default_cache_dir())
+
+
+@pytest.fixture(scope="session")
+def golden() -> Path:
+    path = golden_dir()
+    if not path.is_dir():
+        pytest.skip(f"reference golden folder {path} not present (set XTALKER_GOLDEN_DIR)")
+    return path
