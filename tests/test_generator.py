@@ -20,7 +20,7 @@ from xtalker.models.generator import (
     sample_volume,
     upsampled_conv3x3,
 )
-from xtalker.models.kp_extractor import coordinate_grid
+from xtalker.models.blocks import coordinate_grid
 
 
 @pytest.fixture(scope="module")

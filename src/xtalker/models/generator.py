@@ -12,14 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xtalker.models.kp_extractor import (
-    DownBlock2d,
-    DownBlock3d,
-    NUM_KP,
-    SameBlock2d,
-    UpBlock3d,
-    coordinate_grid,
-)
+from xtalker.models.blocks import DownBlock2d, DownBlock3d, SameBlock2d, UpBlock3d, coordinate_grid
+from xtalker.models.kp_extractor import NUM_KP
 
 IMAGE_CHANNELS = 3
 BLOCK_EXPANSION = 64

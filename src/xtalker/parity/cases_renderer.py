@@ -5,13 +5,12 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-import torch
 
 from xtalker.checkpoints import coeff_channels
 from xtalker.frames import resize_to_original, to_uint8
 from xtalker.keypoints import logits_to_degrees, pose_degrees, rotation_matrix, transform_keypoints
 from xtalker.models.mapping import HeadPose
-from xtalker.parity.core import Case, Check, Context, levels, max_abs, mean_abs
+from xtalker.parity.core import Case, Check, Context, levels, max_abs, mean_abs, ulps
 from xtalker.render_inputs import (
     BatchedTarget,
     batched_target,
@@ -30,19 +29,6 @@ PRED_MAX_ATOL = 2e-4
 PRED_MEAN_ATOL = 2e-5
 FRAME_LEVELS = 1
 FRAME_FRACTION = 0.005
-
-
-def ulps(name: str, actual: np.ndarray | torch.Tensor, expected: np.ndarray | torch.Tensor, max_ulps: float = 1.0) -> Check:
-    """Largest difference in float32 units in the last place of the expected value."""
-    a = np.asarray(actual.numpy() if isinstance(actual, torch.Tensor) else actual, dtype=np.float32)
-    e = np.asarray(expected.numpy() if isinstance(expected, torch.Tensor) else expected, dtype=np.float32)
-    if a.shape != e.shape:
-        return Check(name, float("inf"), max_ulps, f"shape {a.shape} != expected {e.shape}")
-    if a.size == 0:
-        return Check(name, 0.0, max_ulps, "float32 ulps")
-    diff = np.abs(a.astype(np.float64) - e.astype(np.float64)) / np.spacing(np.abs(e)).astype(np.float64)
-    err = float(np.max(diff))
-    return Check(name, err if np.isfinite(err) else float("inf"), max_ulps, "float32 ulps")
 
 
 def _angle_list(meta: dict, name: str) -> list[float] | None:

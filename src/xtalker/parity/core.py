@@ -116,6 +116,18 @@ def max_rel(name: str, actual: Any, expected: Any, rtol: float) -> Check:
     return Check(name, err if np.isfinite(err) else float("inf"), rtol, "max rel")
 
 
+def ulps(name: str, actual: Any, expected: Any, max_ulps: float = 1.0) -> Check:
+    """Largest difference in float32 units in the last place of the expected value (for exact-by-design outputs)."""
+    a, e = _np(actual).astype(np.float32), _np(expected).astype(np.float32)
+    bad = _same_shape(name, a, e)
+    if bad:
+        return bad
+    if a.size == 0:
+        return Check(name, 0.0, max_ulps, "float32 ulps")
+    err = float(np.max(np.abs(a.astype(np.float64) - e.astype(np.float64)) / np.spacing(np.abs(e)).astype(np.float64)))
+    return Check(name, err if np.isfinite(err) else float("inf"), max_ulps, "float32 ulps")
+
+
 def exact(name: str, actual: Any, expected: Any) -> Check:
     """Equality of every element (integers, uint8 images); error = number of differing elements."""
     a, e = _np(actual), _np(expected)
