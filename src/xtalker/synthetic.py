@@ -184,9 +184,25 @@ def write_all(out_dir: str | Path, verify: bool = False, only: set[str] | None =
             continue
         write_file(out, name, group, spec)
         ok = read_back_digest(out / name, group) == expected_digest(name) if verify else None
+        if ok:
+            _marker(out, name).write_text(expected_digest(name))
         log.info("%s: written%s", name, "" if ok is None else (", digest OK" if ok else ", DIGEST MISMATCH"))
         results[name] = ok
     return results
+
+
+def _marker(folder: Path, name: str) -> Path:
+    """Records that `name` in `folder` is a verified synthetic file (its digest)."""
+    return folder / f".{name}.digest"
+
+
+def is_synthetic_folder(folder: str | Path) -> bool:
+    """Whether the packed checkpoints in `folder` are verified synthetic ones (meaningless pictures)."""
+    folder = Path(folder)
+    return any(
+        _marker(folder, name).is_file() and (folder / name).is_file()
+        for name in layout()["packed"]["files"].values()
+    )
 
 
 def ensure_cached(cache_dir: str | Path, needed: set[str] | None = None) -> Path:
@@ -197,7 +213,7 @@ def ensure_cached(cache_dir: str | Path, needed: set[str] | None = None) -> Path
     for name, _group, _spec in official_files():
         if needed is not None and name not in needed:
             continue
-        marker = cache / f".{name}.digest"
+        marker = _marker(cache, name)
         if not (cache / name).is_file() or not marker.is_file() or marker.read_text().strip() != expected_digest(name):
             missing.add(name)
     if missing:
@@ -205,5 +221,4 @@ def ensure_cached(cache_dir: str | Path, needed: set[str] | None = None) -> Path
         for name, ok in write_all(cache, verify=True, only=missing).items():
             if not ok:
                 raise RuntimeError(f"synthetic {name} does not match the {RULE} digest")
-            (cache / f".{name}.digest").write_text(expected_digest(name))
     return cache

@@ -1,0 +1,193 @@
+"""`inference.py` / `xtalker`: upstream SadTalker's command line, plus XTalker's own flags.
+
+Parses arguments into an `InferenceConfig`, runs `pipeline.generate`, prints where the video went. Bad input
+ends with one `error:` line on stderr and a non-zero exit, never a traceback or a half-written video.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+from xtalker import __version__
+from xtalker.config import NUM_POSE_STYLES, SIZES, InferenceConfig
+from xtalker.crop import PREPROCESS_MODES
+
+log = logging.getLogger("xtalker")
+
+# Upstream flags for the 3-D face model fitting and legacy loading; they do not change the output of the
+# packed-checkpoint path, so they are accepted for drop-in compatibility and ignored.
+IGNORED_UPSTREAM = {
+    "--net_recon": str, "--init_path": str, "--use_last_fc": str, "--bfm_folder": str, "--bfm_model": str,
+    "--focal": float, "--center": float, "--camera_d": float, "--z_near": float, "--z_far": float,
+}
+NOT_AVAILABLE = {
+    "enhancer": "--enhancer is not available in this build yet; run without it (face enhancement comes in a later release)",
+    "background_enhancer": "--background_enhancer is not available in this build; run without it",
+    "face3dvis": "--face3dvis (3-D face visualisation) is not available in XTalker; run without it",
+    "old_version": "--old_version (legacy per-network .pth checkpoints) is not supported; use the SadTalker_V0.0.2 safetensors files",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="inference.py",
+        description="XTalker: one portrait + speech -> talking-head video (SadTalker-compatible).",
+    )
+    up = p.add_argument_group("SadTalker flags")
+    up.add_argument("--driven_audio", type=Path, required=True, help="speech: wav, mp3, flac, ogg, m4a or a video's audio track")
+    up.add_argument("--source_image", type=Path, required=True, help="portrait picture (png/jpg), or a video whose first frame is used")
+    up.add_argument("--ref_eyeblink", type=Path, default=None, help="video whose eye blinks (expressions) drive the eyes")
+    up.add_argument("--ref_pose", type=Path, default=None, help="video whose head motion is added to the generated pose")
+    up.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints"), help="folder with the SadTalker checkpoint files")
+    up.add_argument("--result_dir", type=Path, default=Path("results"), help="where <timestamp>.mp4 goes when --output is not given")
+    up.add_argument("--pose_style", type=int, default=0, help=f"head-motion style, 0..{NUM_POSE_STYLES - 1}")
+    up.add_argument("--batch_size", type=int, default=2, help="frames rendered per network call")
+    up.add_argument("--size", type=int, default=256, choices=SIZES, help="face render size")
+    up.add_argument("--expression_scale", type=float, default=1.0, help="scale of the speech-driven expression")
+    up.add_argument("--input_yaw", nargs="+", type=float, default=None, help="yaw keyframes in degrees (one value: constant)")
+    up.add_argument("--input_pitch", nargs="+", type=float, default=None, help="pitch keyframes in degrees")
+    up.add_argument("--input_roll", nargs="+", type=float, default=None, help="roll keyframes in degrees")
+    up.add_argument("--enhancer", type=str, default=None, help="face enhancer (gfpgan, RestoreFormer): not available yet")
+    up.add_argument("--background_enhancer", type=str, default=None, help="background enhancer (realesrgan): not available yet")
+    up.add_argument("--cpu", action="store_true", help="run on the CPU (XTalker always does)")
+    up.add_argument("--face3dvis", action="store_true", help="not available")
+    up.add_argument("--still", action="store_true", help="keep the source head pose (recommended with --preprocess full)")
+    up.add_argument("--preprocess", default="crop", choices=PREPROCESS_MODES, help="how the source picture is cropped")
+    up.add_argument("--verbose", action="store_true", help="log every stage; show tracebacks of internal errors")
+    up.add_argument("--old_version", action="store_true", help="not supported")
+    for flag, kind in IGNORED_UPSTREAM.items():
+        up.add_argument(flag, type=kind, default=None, help=argparse.SUPPRESS)
+    ours = p.add_argument_group("XTalker flags")
+    ours.add_argument("--output", type=Path, default=None, help="write the video here (default: <result_dir>/<timestamp>.mp4)")
+    ours.add_argument("--seed", type=int, default=None, help="seed for blinks and head motion: same seed, same video")
+    ours.add_argument("--landmarks", default="auto", help="face landmark backend (auto picks the best available)")
+    ours.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
+    ours.add_argument("--profile", action="store_true", help="print a per-stage timing table")
+    ours.add_argument("--report", type=Path, default=None, help="write timings and run facts as JSON here")
+    ours.add_argument("--version", action="version", version=f"xtalker {__version__}")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> InferenceConfig:
+    return InferenceConfig(
+        driven_audio=args.driven_audio,
+        source_image=args.source_image,
+        result_dir=args.result_dir,
+        output=args.output,
+        checkpoint_dir=args.checkpoint_dir,
+        size=args.size,
+        preprocess=args.preprocess,
+        still=args.still,
+        pose_style=args.pose_style,
+        batch_size=args.batch_size,
+        expression_scale=args.expression_scale,
+        input_yaw=args.input_yaw,
+        input_pitch=args.input_pitch,
+        input_roll=args.input_roll,
+        ref_eyeblink=args.ref_eyeblink,
+        ref_pose=args.ref_pose,
+        landmarks=args.landmarks,
+        seed=args.seed,
+        threads=args.threads,
+        profile=args.profile,
+        report=args.report,
+    )
+
+
+def _fail(message: str, code: int = 1) -> int:
+    sys.stderr.write(f"error: {message}\n")
+    return code
+
+
+def _check_writable(path: Path, what: str) -> str | None:
+    """Problem with writing `path` (its folder is created if missing), or None."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        return f"{what} {path} is a folder; give a file path"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the folder for {what} {path}: {e.strerror or e}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write {what} {path}: folder {folder} is not writable"
+    return None
+
+
+def write_report(path: Path, result, config: InferenceConfig) -> None:
+    import torch
+
+    from xtalker.config import FPS
+
+    data = {
+        "xtalker": __version__,
+        "output": str(result.output),
+        "frames": result.frames,
+        "duration_s": result.frames / FPS,
+        "size_wh": list(result.size_wh),
+        "seed": result.seed,
+        "landmarks": result.landmarks,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()},
+        "profile": result.profile.as_dict(),
+        "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "cpu": platform.processor() or platform.machine()},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name, message in NOT_AVAILABLE.items():
+        if getattr(args, name):
+            return _fail(message, 2)
+    if args.cpu:
+        log.info("--cpu: XTalker runs on the CPU in any case")
+    config = config_from_args(args)
+
+    from xtalker.checkpoints import CheckpointError
+    from xtalker.config import ConfigError
+    from xtalker.landmarks import LandmarkError
+    from xtalker.media import MediaError
+    from xtalker.pipeline import AudioTooShortError, default_output, generate
+    from xtalker.source import SourceError
+    from xtalker.synthetic import is_synthetic_folder
+
+    expected = (CheckpointError, ConfigError, LandmarkError, MediaError, SourceError, AudioTooShortError)
+    try:
+        config.validate()
+        for path, what in ((config.driven_audio, "driven audio"), (config.source_image, "source image"),
+                           (config.ref_eyeblink, "--ref_eyeblink video"), (config.ref_pose, "--ref_pose video")):
+            if path is not None and not path.is_file():
+                return _fail(f"{what} not found: {path}")
+        config.output = config.output or default_output(config)
+        for path, what in ((config.output, "output"), (config.report, "report")):
+            if path is not None and (problem := _check_writable(path, what)):
+                return _fail(problem)
+        if is_synthetic_folder(config.checkpoint_dir):
+            log.warning("SYNTHETIC checkpoints in %s: the video shows meaningless pictures (real cost, fake weights). "
+                        "Put the official SadTalker files there for real results.", config.checkpoint_dir)
+        result = generate(config)
+    except expected as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted; no output was written", 130)
+    except Exception as e:  # an internal error still gets one line unless --verbose
+        if args.verbose:
+            raise
+        return _fail(f"internal error ({type(e).__name__}: {e}); run again with --verbose for the traceback")
+    if config.report is not None:
+        write_report(config.report, result, config)
+    if config.profile:
+        sys.stdout.write(result.profile.table() + "\n")
+    sys.stdout.write(f"{result.output}\n")
+    return 0

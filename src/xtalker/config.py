@@ -1,0 +1,70 @@
+"""Typed configuration of one inference run (what the CLI flags mean, in one place)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from xtalker.crop import PREPROCESS_MODES
+
+SIZES = (256, 512)
+NUM_POSE_STYLES = 46
+FPS = 25
+
+
+class ConfigError(ValueError):
+    """A setting is out of range or inconsistent; the message says which and what is allowed."""
+
+
+@dataclass
+class InferenceConfig:
+    """Settings of one run; defaults are upstream SadTalker's."""
+
+    driven_audio: Path
+    source_image: Path
+    result_dir: Path = Path("results")
+    output: Path | None = None  # default: <result_dir>/<timestamp>.mp4
+    checkpoint_dir: Path = Path("checkpoints")
+    size: int = 256
+    preprocess: str = "crop"
+    still: bool = False
+    pose_style: int = 0
+    batch_size: int = 2
+    expression_scale: float = 1.0
+    input_yaw: list[float] | None = None
+    input_pitch: list[float] | None = None
+    input_roll: list[float] | None = None
+    ref_eyeblink: Path | None = None
+    ref_pose: Path | None = None
+    landmarks: str = "auto"
+    seed: int | None = None  # None: a fresh seed per run (upstream is unseeded), reported for reruns
+    threads: int | None = None  # None: torch's default (all cores)
+    profile: bool = False
+    report: Path | None = None
+
+    @property
+    def extended_crop(self) -> bool:
+        return self.preprocess.startswith("ext")
+
+    @property
+    def pastes_back(self) -> bool:
+        """Full modes paste the animated face back into the original picture."""
+        return "full" in self.preprocess
+
+    def validate(self) -> None:
+        if self.size not in SIZES:
+            raise ConfigError(f"--size must be 256 or 512, got {self.size}")
+        if self.preprocess not in PREPROCESS_MODES:
+            raise ConfigError(f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {self.preprocess!r}")
+        if not 0 <= self.pose_style < NUM_POSE_STYLES:
+            raise ConfigError(f"--pose_style must be in 0..{NUM_POSE_STYLES - 1}, got {self.pose_style}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
+        if not self.expression_scale >= 0:
+            raise ConfigError(f"--expression_scale must be a number >= 0, got {self.expression_scale}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        for name in ("input_yaw", "input_pitch", "input_roll"):
+            values = getattr(self, name)
+            if values is not None and not values:
+                raise ConfigError(f"--{name} needs at least one angle in degrees")

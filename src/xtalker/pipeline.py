@@ -1,0 +1,169 @@
+"""Portrait + speech -> talking-head mp4: the stages of SadTalker wired together, streaming.
+
+`TalkingHead` owns the networks for one checkpoint folder, size and preprocess family and can serve many
+runs. `generate` runs one: source preprocessing, audio, coefficients, then batch by batch render ->
+uint8 -> aspect restore / paste-back -> encoder, so memory does not grow with the length of the audio.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xtalker.audio import audio_windows, crop_to_frames, num_video_frames
+from xtalker.audio2coeff import Audio2Coeff, apply_ref_pose, blink_ratio, windows_to_tensor
+from xtalker.checkpoints import CheckpointPaths, find_checkpoints, load_network
+from xtalker.config import FPS, InferenceConfig
+from xtalker.frames import resize_to_original, to_uint8
+from xtalker.landmarks import LandmarkBackend, get_backend
+from xtalker.media import VideoWriter, load_audio
+from xtalker.paste import PasteTarget, paste_target, seamless_paste
+from xtalker.profiling import Profiler
+from xtalker.render_inputs import driving_sequence, source_image, source_semantics
+from xtalker.renderer import Renderer
+from xtalker.source import PreparedFace, prepare_source, video_coefficients
+
+log = logging.getLogger(__name__)
+
+EXP_DIM = 64
+SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
+
+
+class AudioTooShortError(ValueError):
+    """The driving audio does not last one video frame."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    output: Path
+    frames: int
+    size_wh: tuple[int, int]
+    seed: int
+    landmarks: str
+    profile: Profiler
+
+
+class TalkingHead:
+    """The networks of one setting (checkpoint folder, 256/512, crop-like or full preprocess)."""
+
+    def __init__(self, paths: CheckpointPaths, landmarks: LandmarkBackend):
+        self.paths = paths
+        self.landmarks = landmarks
+        self.recon = load_network("face_3drecon", paths.packed)
+        self.audio2coeff = Audio2Coeff(load_network("audio2exp", paths.packed), load_network("audio2pose", paths.packed))
+        self.renderer = Renderer.from_checkpoints(paths.packed, paths.mapping)
+
+    @classmethod
+    def from_config(cls, config: InferenceConfig) -> "TalkingHead":
+        paths = find_checkpoints(config.checkpoint_dir, config.size, config.preprocess)
+        return cls(paths, get_backend(config.landmarks, config.checkpoint_dir))
+
+    def serves(self, config: InferenceConfig) -> bool:
+        return self.paths == find_checkpoints(config.checkpoint_dir, config.size, config.preprocess)
+
+
+def default_output(config: InferenceConfig) -> Path:
+    """Upstream's naming: <result_dir>/<timestamp>.mp4."""
+    return config.result_dir / (datetime.now().strftime("%Y_%m_%d_%H.%M.%S") + ".mp4")
+
+
+def _tile(rows: np.ndarray, length: int) -> np.ndarray:
+    """Repeat a reference sequence until it covers `length` frames, then cut (upstream's tiling)."""
+    reps = -(-length // len(rows))
+    return np.tile(rows, (reps, 1))[:length]
+
+
+def _coefficients(
+    head: TalkingHead, config: InferenceConfig, face: PreparedFace, wav: np.ndarray, num_frames: int,
+    ref_coeffs: dict[Path, np.ndarray], seed: int, prof: Profiler,
+) -> np.ndarray:
+    """(T, 70) driving coefficients: expression and head pose from speech (spec stages B-E)."""
+    with prof.stage("audio"):
+        mels = windows_to_tensor(audio_windows(wav))
+    with prof.stage("audio2coeff"):
+        ref = np.repeat(face.coeff_3dmm[:, :70], num_frames, axis=0)
+        if config.ref_eyeblink is not None:
+            # Blinks come from the reference video's expressions instead of the generated blink curve.
+            ref[:, :EXP_DIM] = _tile(ref_coeffs[config.ref_eyeblink][:, :EXP_DIM], num_frames)
+            blink = np.zeros((num_frames, 1), dtype=np.float32)
+        else:
+            blink = blink_ratio(num_frames, random.Random(seed))
+        noise = torch.Generator().manual_seed(seed)
+        pred = head.audio2coeff.predict(
+            mels, torch.from_numpy(ref[None]), torch.from_numpy(blink[None]), config.pose_style, noise
+        )
+        coeffs = pred.coeffs[0]
+        if config.ref_pose is not None:
+            ref_pose = torch.from_numpy(_tile(ref_coeffs[config.ref_pose][:, EXP_DIM:70], num_frames))
+            coeffs = apply_ref_pose(coeffs, ref_pose)
+    return coeffs.numpy()
+
+
+def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunResult:
+    """Run one portrait + audio -> mp4. Raises clear errors for bad inputs before any output exists."""
+    config.validate()
+    prof = Profiler()
+    seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    output = config.output or default_output(config)
+
+    with prof.stage("load models"):
+        if head is None or not head.serves(config):
+            head = TalkingHead.from_config(config)
+    log.info("landmarks: %s backend; checkpoints %s + %s", head.landmarks.name, head.paths.packed.name, head.paths.mapping.name)
+
+    with prof.stage("audio"):
+        wav = load_audio(config.driven_audio)
+        num_frames = num_video_frames(len(wav))
+        if num_frames < 1:
+            raise AudioTooShortError(
+                f"{config.driven_audio} lasts {len(wav) / 16000:.3f} s: shorter than one video frame "
+                f"({1 / FPS:.2f} s); use a longer speech clip"
+            )
+        wav = crop_to_frames(wav)
+
+    with prof.stage("preprocess"):
+        face = prepare_source(config.source_image, head.landmarks, head.recon, config.preprocess, config.size)
+        ref_coeffs = {
+            path: video_coefficients(path, head.landmarks, head.recon, config.preprocess, config.size)
+            for path in {config.ref_eyeblink, config.ref_pose} - {None}
+        }
+
+    coeffs = _coefficients(head, config, face, wav, num_frames, ref_coeffs, seed, prof)
+    sequence = driving_sequence(
+        coeffs, face.coeff_3dmm, config.preprocess, config.still, config.expression_scale,
+        config.input_yaw, config.input_pitch, config.input_roll,
+    )
+    with prof.stage("render"):
+        source = head.renderer.prepare(source_image(face.crop.image), source_semantics(face.coeff_3dmm, config.preprocess))
+    target: PasteTarget | None = None
+    if config.pastes_back:
+        target = paste_target(face.original, face.info, face.geometry, config.extended_crop)
+
+    size_wh = (0, 0)
+    with VideoWriter(output, fps=FPS, audio=wav) as writer:
+        for start in range(0, num_frames, config.batch_size):
+            stop = min(start + config.batch_size, num_frames)
+            with prof.stage("render"):
+                yaw, pitch, roll = sequence.angles(start, stop)
+                frames = to_uint8(head.renderer.render(source, sequence.windows(start, stop), yaw, pitch, roll))
+                frames = resize_to_original(frames, face.info.size)
+            for frame in frames:
+                if target is not None:
+                    with prof.stage("paste"):
+                        frame = seamless_paste(frame, target)
+                with prof.stage("encode"):
+                    writer.write(frame)
+                size_wh = (frame.shape[1], frame.shape[0])
+            prof.frames = stop
+            log.debug("frames %d-%d of %d", start, stop - 1, num_frames)
+        with prof.stage("encode"):
+            writer.close()
+    return RunResult(output=output, frames=num_frames, size_wh=size_wh, seed=seed, landmarks=head.landmarks.name, profile=prof)
