@@ -18,8 +18,7 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def synthetic_checkpoints() -> Path:
     """A folder with the four synthetic official files, verified by digest (written on first use, ~15 s)."""
-    from xtalker.parity.checker import default_cache_dir
-    from xtalker.synthetic import ensure_cached
+    from xtalker.synthetic import default_cache_dir, ensure_cached
 
     return ensure_cached(default_cache_dir())
 

@@ -156,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from xtalker.checkpoints import CheckpointError
     from xtalker.config import ConfigError
-    from xtalker.landmarks import LandmarkError
+    from xtalker.landmarks import LandmarkBackendError, NoFaceError
     from xtalker.media import MediaError
     from xtalker.pipeline import AudioTooShortError, default_output, generate
     from xtalker.source import SourceError
     from xtalker.synthetic import is_synthetic_folder
 
-    expected = (CheckpointError, ConfigError, LandmarkError, MediaError, SourceError, AudioTooShortError)
+    expected = (CheckpointError, ConfigError, LandmarkBackendError, NoFaceError, MediaError, SourceError, AudioTooShortError)
     try:
         config.validate()
         for path, what in ((config.driven_audio, "driven audio"), (config.source_image, "source image"),

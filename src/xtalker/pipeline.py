@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from xtalker.audio import audio_windows, crop_to_frames, num_video_frames
 from xtalker.audio2coeff import Audio2Coeff, apply_ref_pose, blink_ratio, windows_to_tensor
@@ -57,7 +58,7 @@ class TalkingHead:
         self.landmarks = landmarks
         self.recon = load_network("face_3drecon", paths.packed)
         self.audio2coeff = Audio2Coeff(load_network("audio2exp", paths.packed), load_network("audio2pose", paths.packed))
-        self.renderer = Renderer.from_checkpoints(paths.packed, paths.mapping)
+        self.renderer = Renderer.from_checkpoints(paths.packed, paths.mapping, paths.coeff_nc)
 
     @classmethod
     def from_config(cls, config: InferenceConfig) -> "TalkingHead":
@@ -114,11 +115,6 @@ def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunRes
         torch.set_num_threads(config.threads)
     output = config.output or default_output(config)
 
-    with prof.stage("load models"):
-        if head is None or not head.serves(config):
-            head = TalkingHead.from_config(config)
-    log.info("landmarks: %s backend; checkpoints %s + %s", head.landmarks.name, head.paths.packed.name, head.paths.mapping.name)
-
     with prof.stage("audio"):
         wav = load_audio(config.driven_audio)
         num_frames = num_video_frames(len(wav))
@@ -128,6 +124,11 @@ def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunRes
                 f"({1 / FPS:.2f} s); use a longer speech clip"
             )
         wav = crop_to_frames(wav)
+
+    with prof.stage("load models"):
+        if head is None or not head.serves(config):
+            head = TalkingHead.from_config(config)
+    log.info("landmarks: %s backend; checkpoints %s + %s", head.landmarks.name, head.paths.packed.name, head.paths.mapping.name)
 
     with prof.stage("preprocess"):
         face = prepare_source(config.source_image, head.landmarks, head.recon, config.preprocess, config.size)
@@ -148,7 +149,9 @@ def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunRes
         target = paste_target(face.original, face.info, face.geometry, config.extended_crop)
 
     size_wh = (0, 0)
-    with VideoWriter(output, fps=FPS, audio=wav) as writer:
+    with VideoWriter(output, fps=FPS, audio=wav) as writer, tqdm(
+        total=num_frames, unit="frame", desc="rendering", disable=None, leave=False
+    ) as progress:
         for start in range(0, num_frames, config.batch_size):
             stop = min(start + config.batch_size, num_frames)
             with prof.stage("render"):
@@ -163,6 +166,7 @@ def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunRes
                     writer.write(frame)
                 size_wh = (frame.shape[1], frame.shape[0])
             prof.frames = stop
+            progress.update(stop - start)
             log.debug("frames %d-%d of %d", start, stop - 1, num_frames)
         with prof.stage("encode"):
             writer.close()

@@ -50,12 +50,16 @@ class Renderer:
         self.mapping = mapping
 
     @classmethod
-    def from_checkpoints(cls, packed_path: str | Path, mapping_path: str | Path) -> "Renderer":
-        """Networks from the packed SadTalker file and a mapping pickle (its channel count picks the mode)."""
+    def from_checkpoints(cls, packed_path: str | Path, mapping_path: str | Path, coeff_nc: int | None = None) -> "Renderer":
+        """Networks from the packed SadTalker file and a mapping pickle.
+
+        `coeff_nc` (70 or 73) is what the preprocess mode needs; a mapping file of the other kind is then an
+        error naming the file. Without it the file's own channel count is taken.
+        """
         return cls(
             kp_detector=load_network("kp_extractor", packed_path),
             generator=load_network("generator", packed_path),
-            mapping=load_network("mapping", mapping_path),
+            mapping=load_network("mapping", mapping_path, coeff_nc),
         )
 
     @property

@@ -31,6 +31,12 @@ RULE = "sadtalker-synth-v1"
 SPECTRAL_ITERATIONS = 30
 
 
+def default_cache_dir() -> Path:
+    """Where synthetic checkpoints are cached: $XTALKER_SYNTHETIC_DIR, else ~/.cache/xtalker/synthetic."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("XTALKER_SYNTHETIC_DIR") or Path(base) / "xtalker" / "synthetic")
+
+
 def seed_for(file_name: str, path: str) -> int:
     digest = hashlib.sha256(f"{file_name}:{path}".encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 from xtalker.checkpoints import CheckpointError
 from xtalker.parity.core import Case, CaseResult, CaseRunner, Context
+from xtalker.synthetic import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +30,6 @@ RUNNER_MODULES = (
     "xtalker.parity.cases_renderer",
     "xtalker.parity.cases_generator",
 )
-
-
-def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(os.environ.get("XTALKER_SYNTHETIC_DIR") or Path(base) / "xtalker" / "synthetic")
 
 
 def runners() -> dict[str, CaseRunner]:
