@@ -99,6 +99,14 @@ def test_full_mode_pastes_into_the_original_picture(tmp_path, speech, synthetic_
     assert corner < 4 and centre > 10
 
 
+@pytest.mark.parametrize("mode, size_wh", [("resize", (256, 256)), ("extfull", (512, 512))])
+def test_other_preprocess_modes(tmp_path, speech, synthetic_checkpoints, mode, size_wh):
+    audio = clip(tmp_path, speech, frames=1)
+    result, info = run(tmp_path, synthetic_checkpoints, audio, preprocess=mode)
+    # resize: the whole (square) picture at 256; extfull: pasted back into the 512x512 original
+    assert (info.width, info.height) == size_wh and info.frame_count == 1
+
+
 def test_512_renders_at_512(tmp_path, speech, synthetic_checkpoints):
     audio = clip(tmp_path, speech, frames=1)
     result, info = run(tmp_path, synthetic_checkpoints, audio, size=512, preprocess="extcrop")
