@@ -85,6 +85,17 @@ def _run_child(mode: str, seconds: float, args: argparse.Namespace) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def cpu_name() -> str:
+    """The CPU model as the kernel reports it (platform.processor() is empty on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _markdown(rows: list[dict], machine: dict) -> str:
     lines = [
         f"Memory, {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}, batch size {machine['batch_size']}",
@@ -108,7 +119,7 @@ def memory(args: argparse.Namespace) -> None:
     if args.checkpoint_dir is None:
         args.checkpoint_dir = ensure_cached(default_cache_dir())
     rows = [_run_child("real", s, args) for s in args.real] + [_run_child("stream", s, args) for s in args.stream]
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                "batch_size": args.batch_size}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "memory.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
