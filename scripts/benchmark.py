@@ -1,6 +1,14 @@
 """XTalker benchmarks; results go to benchmarks/results/ as JSON and a markdown table.
 
+    python scripts/benchmark.py speed [--frames 8] [--configs baseline fp32 bf16 ...] [--checkpoint_dir C]
     python scripts/benchmark.py memory [--checkpoint_dir C] [--real 0.4 2] [--stream 10 600]
+
+speed: the same driving inputs (from the bundled example) through each renderer configuration, each in a
+  fresh process: seconds per frame, speedup against the fp32 eager batch-2 baseline with upstream's work
+  split (source work redone on batch copies every batch) measured in the same run, PSNR and max abs
+  difference against our fp32 frames, achieved GFLOP/s (counted FLOPs / time) and its share of a matmul
+  peak measured in the same run, peak RSS, real-time factor, and the first batch's extra time (compile /
+  quantize). Writes speed.json, speed.md and speed.png.
 
 memory: peak resident memory of whole runs in fresh processes, for clips of several lengths.
   * real: the full pipeline, networks included (fp32 rendering is slow, so these clips are short);
@@ -128,6 +136,234 @@ def memory(args: argparse.Namespace) -> None:
     sys.stdout.write(table)
 
 
+# ---------------------------------------------------------------------------------------------- speed
+
+SPEED_CONFIGS = {
+    # name: (precision, batch size, source work per batch like upstream)
+    "baseline": ("fp32", 2, True),
+    "fp32": ("fp32", 2, False),
+    "bf16-b1": ("bf16", 1, False),
+    "bf16": ("bf16", 2, False),
+    "int8": ("int8", 2, False),
+}
+TARGETS = {"bf16": (4.0, 40.0), "int8": (6.0, 33.0)}  # precision: (speedup, PSNR dB)
+
+
+def _speed_inputs(checkpoint_dir: Path, frames: int, folder: Path) -> Path:
+    """Source crop, source semantics and `frames` driving windows from the bundled example, saved once."""
+    from xtalker.audio import crop_to_frames, num_video_frames
+    from xtalker.config import InferenceConfig
+    from xtalker.media import load_audio
+    from xtalker.pipeline import TalkingHead, speech_coefficients
+    from xtalker.profiling import Profiler
+    from xtalker.render_inputs import driving_sequence, source_semantics
+    from xtalker.source import prepare_source
+
+    config = InferenceConfig(driven_audio=SPEECH, source_image=PORTRAIT, checkpoint_dir=checkpoint_dir, seed=0)
+    head = TalkingHead.from_config(config)
+    face = prepare_source(PORTRAIT, head.landmarks, head.recon, config.preprocess, config.size)
+    audio = crop_to_frames(load_audio(_speech_of_length(frames / 25 + 0.1, folder)))
+    coeffs = speech_coefficients(head, config, face, audio, num_video_frames(len(audio)), {}, 0, Profiler())
+    seq = driving_sequence(coeffs, face.coeff_3dmm, config.preprocess, False, 1.0, None, None, None)
+    path = folder / "inputs.npz"
+    np.savez(path, image=face.crop.image, semantics=source_semantics(face.coeff_3dmm, config.preprocess),
+             windows=seq.windows(0, frames))
+    return path
+
+
+def _flops_per_frame(checkpoint_dir: Path, inputs: Path) -> dict[str, float]:
+    """FLOPs (2 x multiply-adds) of one frame's renderer work, and of the per-video source work."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from xtalker.checkpoints import find_checkpoints
+    from xtalker.render_inputs import source_image
+    from xtalker.renderer import Renderer
+
+    data = np.load(inputs)
+    paths = find_checkpoints(checkpoint_dir)
+    renderer = Renderer.from_checkpoints(paths.packed, paths.mapping, paths.coeff_nc)
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as source_count:
+            source = renderer.prepare(source_image(data["image"]), data["semantics"])
+        with FlopCounterMode(display=False) as frame_count:
+            renderer.render(source, data["windows"][:1])
+    return {"frame": float(frame_count.get_total_flops()), "source": float(source_count.get_total_flops())}
+
+
+def _matmul_peak(dtype_name: str, seconds: float = 1.5) -> float:
+    """Sustained GFLOP/s of a large square matmul in this process's thread setting."""
+    import torch
+
+    n = 2048
+    if dtype_name == "int8":
+        a = torch.randint(-100, 100, (n, n), dtype=torch.int8)
+        b = torch.randint(-100, 100, (n, n), dtype=torch.int8)
+
+        def op():
+            return torch._int_mm(a, b)
+    else:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+
+        def op():
+            return a @ b
+    op()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        op()
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def _speed_one(args: argparse.Namespace) -> dict:
+    """Inside the child process: render the frames with one configuration; save them for comparison."""
+    import torch
+
+    from xtalker.checkpoints import find_checkpoints
+    from xtalker.frames import to_uint8
+    from xtalker.render_inputs import source_image
+    from xtalker.renderer import Renderer
+
+    precision, batch, per_batch_source = SPEED_CONFIGS[args.config]
+    data = np.load(args.inputs)
+    windows = data["windows"][: args.frames]
+    paths = find_checkpoints(args.checkpoint_dir)
+    start = time.perf_counter()
+    renderer = Renderer.from_checkpoints(paths.packed, paths.mapping, paths.coeff_nc, precision=precision)
+    build_s = time.perf_counter() - start
+    image = source_image(data["image"])
+
+    def prepare():
+        if per_batch_source:
+            # Upstream's split: keypoints, source mapping and appearance features recomputed on `batch` copies.
+            for _ in range(batch):
+                src = renderer.prepare(image, data["semantics"])
+            return src
+        return renderer.prepare(image, data["semantics"])
+
+    outputs = []
+    with torch.inference_mode():
+        start = time.perf_counter()
+        source = prepare()
+        renderer.render(source, windows[:batch])
+        first_s = time.perf_counter() - start  # includes any compile / quantize on first use
+        start = time.perf_counter()
+        if not per_batch_source:
+            source = prepare()
+        for i in range(0, len(windows), batch):
+            if per_batch_source:
+                source = prepare()
+            outputs.append(renderer.render(source, windows[i : i + batch]).float())
+        seconds = time.perf_counter() - start
+    frames = torch.cat(outputs).numpy()
+    np.save(Path(args.out) / f"{args.config}.npy", frames)
+    return {
+        "config": args.config, "precision": precision, "batch_size": batch, "frames": len(frames),
+        "s_per_frame": seconds / len(frames), "first_batch_s": first_s, "build_s": build_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "u8_checksum": int(to_uint8(torch.from_numpy(frames)).astype(np.int64).sum()),
+    }
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def _speed_markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = [
+        f"Renderer speed at 256, {result['frames']} frames, {m['cpu']} ({m['cores']} cores, {m['threads']} threads), "
+        f"torch {m['torch']}, synthetic weights. Peaks measured in the same run: fp32 {m['peak_gflops']['fp32']:.0f}, "
+        f"bf16 {m['peak_gflops']['bf16']:.0f}, int8 {m['peak_gflops']['int8']:.0f} G(FL)OP/s (2048^2 matmul).",
+        "",
+        "| config | precision | batch | s/frame | speedup | PSNR vs fp32 (dB) | max abs | GFLOP/s | % of peak | peak RSS (MB) | RTF | first batch extra (s) | target |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in result["rows"]:
+        target = r.get("target", "")
+        lines.append(
+            f"| {r['config']} | {r['precision']} | {r['batch_size']} | {r['s_per_frame']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['psnr_db']:.1f} | {r['max_abs']:.3g} | {r['gflops']:.0f} | {100 * r['peak_fraction']:.0f} % | "
+            f"{r['peak_rss_mb']:.0f} | {r['rtf']:.1f} | {r['first_extra_s']:.1f} | {target} |"
+        )
+    lines += ["", "speedup: against `baseline` (fp32 eager, batch 2, source work redone on batch copies every batch, as "
+              "upstream does); RTF: seconds of compute per second of video (25 fps); first batch extra: time of the "
+              "first batch beyond a steady one (compilation, quantization, caches)."]
+    return "\n".join(lines) + "\n"
+
+
+def _speed_chart(result: dict, path: Path) -> None:
+    """Horizontal bars of s/frame per configuration, drawn with OpenCV (no plotting dependency)."""
+    import cv2
+
+    rows = result["rows"]
+    width, bar_h, left = 900, 34, 150
+    img = np.full((60 + bar_h * len(rows) + 30, width, 3), 255, np.uint8)
+    cv2.putText(img, "seconds per frame at 256 (lower is better)", (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (0, 0, 0), 2)
+    worst = max(r["s_per_frame"] for r in rows)
+    for i, r in enumerate(rows):
+        y = 50 + i * bar_h
+        length = int((width - left - 230) * r["s_per_frame"] / worst)
+        colour = {"fp32": (180, 120, 60), "bf16": (60, 160, 60), "int8": (40, 90, 220)}[r["precision"]]
+        cv2.rectangle(img, (left, y + 4), (left + length, y + bar_h - 4), colour, -1)
+        cv2.putText(img, r["config"], (10, y + 23), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 1)
+        label = f"{r['s_per_frame']:.2f} s  {r['speedup']:.1f}x  {r['psnr_db']:.1f} dB"
+        cv2.putText(img, label, (left + length + 8, y + 23), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1)
+    cv2.imwrite(str(path), img)
+
+
+def speed(args: argparse.Namespace) -> None:
+    import torch
+
+    from xtalker.synthetic import default_cache_dir, ensure_cached
+
+    if args.checkpoint_dir is None:
+        args.checkpoint_dir = ensure_cached(default_cache_dir())
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        inputs = _speed_inputs(args.checkpoint_dir, args.frames, folder)
+        flops = _flops_per_frame(args.checkpoint_dir, inputs)
+        peaks = {name: _matmul_peak(name) for name in ("fp32", "bf16", "int8")}
+        rows = []
+        for name in args.configs:
+            cmd = [sys.executable, __file__, "_speed", "--config", name, "--inputs", str(inputs), "--frames",
+                   str(args.frames), "--checkpoint_dir", str(args.checkpoint_dir), "--out", tmp]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                sys.stderr.write(f"{name}: failed, left out: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}\n")
+                continue
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        reference = np.load(folder / "fp32.npy") if (folder / "fp32.npy").is_file() else None
+        base = next((r for r in rows if r["config"] == "baseline"), None)
+        for r in rows:
+            frames = np.load(folder / f"{r['config']}.npy")
+            r["psnr_db"] = _psnr(frames, reference) if reference is not None else float("nan")
+            r["max_abs"] = float(np.abs(frames - reference).max()) if reference is not None else float("nan")
+            r["speedup"] = base["s_per_frame"] / r["s_per_frame"] if base else float("nan")
+            work = flops["frame"] + (flops["source"] if r["config"] == "baseline" else 0.0)
+            r["gflops"] = work / r["s_per_frame"] / 1e9
+            r["peak_fraction"] = r["gflops"] / peaks[r["precision"]]
+            r["rtf"] = r["s_per_frame"] * 25
+            r["first_extra_s"] = max(0.0, r["first_batch_s"] - r["s_per_frame"] * r["batch_size"])
+            if r["precision"] in TARGETS:
+                need_x, need_db = TARGETS[r["precision"]]
+                met = r["speedup"] >= need_x and r["psnr_db"] >= need_db
+                r["target"] = f"{'met' if met else 'MISSED'} (>= {need_x:g}x, >= {need_db:g} dB)"
+    result = {
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "peak_gflops": peaks},
+        "frames": args.frames, "flops_per_frame": flops, "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = _speed_markdown(result)
+    (RESULTS / "speed.md").write_text(table)
+    _speed_chart(result, RESULTS / "speed.png")
+    sys.stdout.write(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="suite", required=True)
@@ -136,6 +372,16 @@ def main() -> None:
     mem.add_argument("--real", type=float, nargs="*", default=[0.4, 2.0], help="clip lengths (s) with real rendering")
     mem.add_argument("--stream", type=float, nargs="*", default=[10.0, 600.0], help="clip lengths (s), constant frames")
     mem.add_argument("--batch_size", type=int, default=2)
+    spd = sub.add_parser("speed", help="renderer speed and fidelity per configuration")
+    spd.add_argument("--checkpoint_dir", type=Path, default=None, help="default: synthetic checkpoints in the cache")
+    spd.add_argument("--frames", type=int, default=8, help="frames rendered per configuration")
+    spd.add_argument("--configs", nargs="+", default=list(SPEED_CONFIGS), choices=list(SPEED_CONFIGS))
+    sp1 = sub.add_parser("_speed", help=argparse.SUPPRESS)
+    sp1.add_argument("--config", choices=list(SPEED_CONFIGS), required=True)
+    sp1.add_argument("--inputs", type=Path, required=True)
+    sp1.add_argument("--frames", type=int, required=True)
+    sp1.add_argument("--checkpoint_dir", type=Path, required=True)
+    sp1.add_argument("--out", type=Path, required=True)
     one = sub.add_parser("_one", help=argparse.SUPPRESS)
     one.add_argument("--mode", choices=("real", "stream"), required=True)
     one.add_argument("--seconds", type=float, required=True)
@@ -144,6 +390,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.suite == "memory":
         memory(args)
+    elif args.suite == "speed":
+        speed(args)
+    elif args.suite == "_speed":
+        sys.stdout.write(json.dumps(_speed_one(args)) + "\n")
     else:
         sys.stdout.write(json.dumps(_measure_one(args)) + "\n")
 

@@ -107,6 +107,18 @@ def test_other_preprocess_modes(tmp_path, speech, synthetic_checkpoints, mode, s
     assert (info.width, info.height) == size_wh and info.frame_count == 1
 
 
+def test_bf16_renders_close_to_fp32(tmp_path, speech, synthetic_checkpoints, head_crop):
+    audio = clip(tmp_path, speech, frames=2)
+    fp32, _ = run(tmp_path, synthetic_checkpoints, audio, head_crop, name="fp32.mp4")
+    bf16, info = run(tmp_path, synthetic_checkpoints, audio, name="bf16.mp4", precision="bf16")
+    assert info.frame_count == 2
+    a, b = frames_of(fp32.output).astype(np.float64), frames_of(bf16.output).astype(np.float64)
+    psnr = 10 * np.log10(255.0**2 / np.mean((a - b) ** 2))
+    # Each H.264 encode of these noisy synthetic pictures alone costs ~34.5 dB, so this bar only catches a
+    # broken path; the renderer's own fidelity (>= 40 dB) is measured by scripts/benchmark.py speed.
+    assert psnr > 30, psnr
+
+
 def test_512_renders_at_512(tmp_path, speech, synthetic_checkpoints):
     audio = clip(tmp_path, speech, frames=1)
     result, info = run(tmp_path, synthetic_checkpoints, audio, size=512, preprocess="extcrop")
@@ -226,5 +238,7 @@ def test_unwritable_output(tmp_path, synthetic_checkpoints):
 def test_options_without_an_implementation_are_refused(tmp_path, synthetic_checkpoints):
     proc = cli("--driven_audio", str(SPEECH), "--source_image", str(PORTRAIT), "--enhancer", "gfpgan")
     assert proc.returncode == 2 and "not available in this build" in proc.stderr
+    proc = cli("--driven_audio", str(SPEECH), "--source_image", str(PORTRAIT), "--precision", "int8")
+    assert proc.returncode != 0 and "int8 is not available in this build yet" in proc.stderr
     proc = cli("--driven_audio", str(SPEECH), "--source_image", str(PORTRAIT), "--pose_style", "46")
     assert proc.returncode != 0 and "--pose_style must be in 0..45" in proc.stderr

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from xtalker import __version__
-from xtalker.config import NUM_POSE_STYLES, SIZES, InferenceConfig
+from xtalker.config import NUM_POSE_STYLES, PRECISIONS, SIZES, InferenceConfig
 from xtalker.crop import PREPROCESS_MODES
 
 log = logging.getLogger("xtalker")
@@ -41,14 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="XTalker: one portrait + speech -> talking-head video (SadTalker-compatible).",
     )
     up = p.add_argument_group("SadTalker flags")
-    up.add_argument("--driven_audio", type=Path, required=True, help="speech: wav, mp3, flac, ogg, m4a or a video's audio track")
-    up.add_argument("--source_image", type=Path, required=True, help="portrait picture (png/jpg), or a video whose first frame is used")
+    up.add_argument("--driven_audio", type=Path, default=None, help="speech: wav, mp3, flac, ogg, m4a or a video's audio track")
+    up.add_argument("--source_image", type=Path, default=None, help="portrait picture (png/jpg), or a video whose first frame is used")
     up.add_argument("--ref_eyeblink", type=Path, default=None, help="video whose eye blinks (expressions) drive the eyes")
     up.add_argument("--ref_pose", type=Path, default=None, help="video whose head motion is added to the generated pose")
     up.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints"), help="folder with the SadTalker checkpoint files")
     up.add_argument("--result_dir", type=Path, default=Path("results"), help="where <timestamp>.mp4 goes when --output is not given")
     up.add_argument("--pose_style", type=int, default=0, help=f"head-motion style, 0..{NUM_POSE_STYLES - 1}")
-    up.add_argument("--batch_size", type=int, default=2, help="frames rendered per network call")
+    up.add_argument("--batch_size", type=int, default=None, help="frames rendered per network call (default 2)")
     up.add_argument("--size", type=int, default=256, choices=SIZES, help="face render size")
     up.add_argument("--expression_scale", type=float, default=1.0, help="scale of the speech-driven expression")
     up.add_argument("--input_yaw", nargs="+", type=float, default=None, help="yaw keyframes in degrees (one value: constant)")
@@ -69,13 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--seed", type=int, default=None, help="seed for blinks and head motion: same seed, same video")
     ours.add_argument("--landmarks", default="auto", help="face landmark backend (auto picks the best available)")
     ours.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
+    ours.add_argument("--precision", choices=PRECISIONS, default=None, help="renderer precision (default fp32)")
+    ours.add_argument("--backend", choices=("native", "ipex"), default="native", help="native PyTorch/oneDNN, or Intel Extension for PyTorch when importable")
+    ours.add_argument("--preset", default=None, help="named settings from configs/presets.yaml; explicit flags win")
+    ours.add_argument("--list_presets", action="store_true", help="show the presets and exit")
     ours.add_argument("--profile", action="store_true", help="print a per-stage timing table")
     ours.add_argument("--report", type=Path, default=None, help="write timings and run facts as JSON here")
     ours.add_argument("--version", action="version", version=f"xtalker {__version__}")
     return p
 
 
+# Built-in defaults of the settings a preset may set; used when neither a flag nor the preset gives one.
+PRESETTABLE_DEFAULTS = {"precision": "fp32", "batch_size": 2, "threads": None}
+
+
+def resolve_presettable(args: argparse.Namespace) -> dict[str, object]:
+    """Explicit flag > preset > built-in default, for every setting a preset may set."""
+    from xtalker.presets import get_preset
+
+    preset = get_preset(args.preset).settings if args.preset else {}
+    return {
+        name: getattr(args, name) if getattr(args, name) is not None else preset.get(name, default)
+        for name, default in PRESETTABLE_DEFAULTS.items()
+    }
+
+
 def config_from_args(args: argparse.Namespace) -> InferenceConfig:
+    chosen = resolve_presettable(args)
     return InferenceConfig(
         driven_audio=args.driven_audio,
         source_image=args.source_image,
@@ -86,7 +106,8 @@ def config_from_args(args: argparse.Namespace) -> InferenceConfig:
         preprocess=args.preprocess,
         still=args.still,
         pose_style=args.pose_style,
-        batch_size=args.batch_size,
+        batch_size=chosen["batch_size"],
+        precision=chosen["precision"],
         expression_scale=args.expression_scale,
         input_yaw=args.input_yaw,
         input_pitch=args.input_pitch,
@@ -94,11 +115,22 @@ def config_from_args(args: argparse.Namespace) -> InferenceConfig:
         ref_eyeblink=args.ref_eyeblink,
         ref_pose=args.ref_pose,
         landmarks=args.landmarks,
+        backend=args.backend,
         seed=args.seed,
-        threads=args.threads,
+        threads=chosen["threads"],
         profile=args.profile,
         report=args.report,
     )
+
+
+def ipex_unavailable() -> str | None:
+    """Why --backend ipex cannot run here, or None."""
+    import importlib.util
+
+    if importlib.util.find_spec("intel_extension_for_pytorch") is None:
+        return ("--backend ipex: intel_extension_for_pytorch is not installed (no release installs next to torch 2.13); "
+                "the native path already uses oneDNN with bf16 (--precision bf16), which is what IPEX would add on this CPU")
+    return None
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -147,12 +179,27 @@ def write_report(path: Path, result, config: InferenceConfig) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from xtalker.presets import PresetError, describe, load_presets
+
+    if args.list_presets:
+        try:
+            sys.stdout.write(describe(load_presets()) + "\n")
+        except PresetError as e:
+            return _fail(str(e))
+        return 0
+    if args.driven_audio is None or args.source_image is None:
+        return _fail("--driven_audio and --source_image are required", 2)
     for name, message in NOT_AVAILABLE.items():
         if getattr(args, name):
             return _fail(message, 2)
+    if args.backend == "ipex" and (problem := ipex_unavailable()):
+        return _fail(problem, 2)
     if args.cpu:
         log.info("--cpu: XTalker runs on the CPU in any case")
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except PresetError as e:
+        return _fail(str(e), 2)
 
     from xtalker.checkpoints import CheckpointError
     from xtalker.config import ConfigError

@@ -8,6 +8,7 @@ from pathlib import Path
 from xtalker.crop import PREPROCESS_MODES
 
 SIZES = (256, 512)
+PRECISIONS = ("fp32", "bf16", "int8")
 NUM_POSE_STYLES = 46
 FPS = 25
 
@@ -30,6 +31,7 @@ class InferenceConfig:
     still: bool = False
     pose_style: int = 0
     batch_size: int = 2
+    precision: str = "fp32"
     expression_scale: float = 1.0
     input_yaw: list[float] | None = None
     input_pitch: list[float] | None = None
@@ -37,6 +39,7 @@ class InferenceConfig:
     ref_eyeblink: Path | None = None
     ref_pose: Path | None = None
     landmarks: str = "auto"
+    backend: str = "native"  # or "ipex": intel_extension_for_pytorch.optimize on the generator
     seed: int | None = None  # None: a fresh seed per run (upstream is unseeded), reported for reruns
     threads: int | None = None  # None: torch's default (all cores)
     profile: bool = False
@@ -58,6 +61,10 @@ class InferenceConfig:
             raise ConfigError(f"--preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {self.preprocess!r}")
         if not 0 <= self.pose_style < NUM_POSE_STYLES:
             raise ConfigError(f"--pose_style must be in 0..{NUM_POSE_STYLES - 1}, got {self.pose_style}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.precision == "int8":
+            raise ConfigError("--precision int8 is not available in this build yet; use --precision bf16 (or --preset balanced)")
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
         if not self.expression_scale >= 0:

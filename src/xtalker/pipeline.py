@@ -50,23 +50,49 @@ class RunResult:
     profile: Profiler
 
 
-class TalkingHead:
-    """The networks of one setting (checkpoint folder, 256/512, crop-like or full preprocess)."""
+@dataclass(frozen=True)
+class Setting:
+    """What the networks of a TalkingHead depend on; runs with the same setting can share them."""
 
-    def __init__(self, paths: CheckpointPaths, landmarks: LandmarkBackend):
-        self.paths = paths
+    paths: CheckpointPaths
+    precision: str = "fp32"
+    backend: str = "native"
+
+    @classmethod
+    def of(cls, config: InferenceConfig) -> "Setting":
+        return cls(find_checkpoints(config.checkpoint_dir, config.size, config.preprocess), config.precision, config.backend)
+
+
+class TalkingHead:
+    """The networks of one setting (checkpoint folder, 256/512, crop-like or full preprocess, precision)."""
+
+    def __init__(self, setting: Setting, landmarks: LandmarkBackend):
+        self.setting = setting
         self.landmarks = landmarks
+        paths = setting.paths
         self.recon = load_network("face_3drecon", paths.packed)
         self.audio2coeff = Audio2Coeff(load_network("audio2exp", paths.packed), load_network("audio2pose", paths.packed))
-        self.renderer = Renderer.from_checkpoints(paths.packed, paths.mapping, paths.coeff_nc)
+        self.renderer = Renderer.from_checkpoints(paths.packed, paths.mapping, paths.coeff_nc, precision=setting.precision)
+        if setting.backend == "ipex":
+            self._use_ipex()
+
+    @property
+    def paths(self) -> CheckpointPaths:
+        return self.setting.paths
+
+    def _use_ipex(self) -> None:
+        """Let Intel Extension for PyTorch re-layout the generator (the CLI allows this only when it is installed)."""
+        import intel_extension_for_pytorch as ipex
+
+        dtype = torch.bfloat16 if self.setting.precision == "bf16" else torch.float32
+        self.renderer.generator = ipex.optimize(self.renderer.generator, dtype=dtype, inplace=True)
 
     @classmethod
     def from_config(cls, config: InferenceConfig) -> "TalkingHead":
-        paths = find_checkpoints(config.checkpoint_dir, config.size, config.preprocess)
-        return cls(paths, get_backend(config.landmarks, config.checkpoint_dir))
+        return cls(Setting.of(config), get_backend(config.landmarks, config.checkpoint_dir))
 
     def serves(self, config: InferenceConfig) -> bool:
-        return self.paths == find_checkpoints(config.checkpoint_dir, config.size, config.preprocess)
+        return self.setting == Setting.of(config)
 
 
 def default_output(config: InferenceConfig) -> Path:
@@ -80,7 +106,7 @@ def _tile(rows: np.ndarray, length: int) -> np.ndarray:
     return np.tile(rows, (reps, 1))[:length]
 
 
-def _coefficients(
+def speech_coefficients(
     head: TalkingHead, config: InferenceConfig, face: PreparedFace, wav: np.ndarray, num_frames: int,
     ref_coeffs: dict[Path, np.ndarray], seed: int, prof: Profiler,
 ) -> np.ndarray:
@@ -137,7 +163,7 @@ def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunRes
             for path in {config.ref_eyeblink, config.ref_pose} - {None}
         }
 
-    coeffs = _coefficients(head, config, face, wav, num_frames, ref_coeffs, seed, prof)
+    coeffs = speech_coefficients(head, config, face, wav, num_frames, ref_coeffs, seed, prof)
     sequence = driving_sequence(
         coeffs, face.coeff_3dmm, config.preprocess, config.still, config.expression_scale,
         config.input_yaw, config.input_pitch, config.input_roll,

@@ -19,6 +19,7 @@ from torch import nn
 from xtalker.checkpoints import load_network
 from xtalker.keypoints import transform_keypoints
 from xtalker.models.mapping import MappingNet
+from xtalker.precision import check_precision, generator_precision, prepare_generator
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,30 @@ class Renderer:
         self.mapping = mapping
 
     @classmethod
-    def from_checkpoints(cls, packed_path: str | Path, mapping_path: str | Path, coeff_nc: int | None = None) -> "Renderer":
+    def from_checkpoints(
+        cls,
+        packed_path: str | Path,
+        mapping_path: str | Path,
+        coeff_nc: int | None = None,
+        precision: str = "fp32",
+    ) -> "Renderer":
         """Networks from the packed SadTalker file and a mapping pickle.
 
         `coeff_nc` (70 or 73) is what the preprocess mode needs; a mapping file of the other kind is then an
-        error naming the file. Without it the file's own channel count is taken.
+        error naming the file. Without it the file's own channel count is taken. `precision` ("fp32" or
+        "bf16") applies to the generator's per-frame work only (see `xtalker.precision`); the keypoint
+        detector and the mapping net always run in float32.
         """
+        check_precision(precision)
         return cls(
             kp_detector=load_network("kp_extractor", packed_path),
-            generator=load_network("generator", packed_path),
+            generator=prepare_generator(load_network("generator", packed_path), precision),
             mapping=load_network("mapping", mapping_path, coeff_nc),
         )
+
+    @property
+    def precision(self) -> str:
+        return generator_precision(self.generator)
 
     @property
     def device(self) -> torch.device:

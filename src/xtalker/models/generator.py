@@ -12,7 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xtalker.models.blocks import DownBlock2d, DownBlock3d, SameBlock2d, UpBlock3d, coordinate_grid
+from xtalker.models.blocks import (
+    ConvNormBlock,
+    DownBlock2d,
+    DownBlock3d,
+    PhaseConvBank,
+    SameBlock2d,
+    ShiftSumConv2d,
+    UpBlock3d,
+    cast_for,
+    coordinate_grid,
+    fold_batch_norm_,
+    fuse_for_inference,
+)
 from xtalker.models.kp_extractor import NUM_KP
 
 IMAGE_CHANNELS = 3
@@ -30,6 +42,7 @@ SPADE_HIDDEN = 128
 SPADE_LABEL = 256
 NUM_MIDDLE = 6
 SPECTRAL_CONVS = ("conv_0", "conv_1", "conv_s")
+IN_EPS = 1e-5
 
 
 @dataclass
@@ -75,49 +88,6 @@ def sample_volume(volume: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     return out.view(volume.shape[1], b, do, ho, wo).transpose(0, 1)
 
 
-def upsampled_conv3x3(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, factor: int
-) -> torch.Tensor:
-    """`conv2d(nearest_upsample(x, factor), weight, bias, padding=1)` computed on x itself (polyphase form).
-
-    Every output phase (ry, rx) of the upsampled map sees at most 2x2 distinct input pixels, so summing the
-    3x3 taps that hit the same pixel gives a smaller kernel per phase: 2.25x (factor 2) to 4x (factor 4) fewer
-    multiply-adds, and the upsampled input is never built. Equal up to float summation order.
-    """
-    if factor == 1:
-        return F.conv2d(x, weight, bias, padding=1)
-    b, _, h, w = x.shape
-    c_out = weight.shape[0]
-    padded = F.pad(x, (1, 1, 1, 1))
-    out = x.new_empty(b, c_out, h * factor, w * factor)
-    selectors = [_phase_selector(r, factor, weight) for r in range(factor)]
-    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    for ry in range(factor):
-        for rx in range(factor):
-            groups.setdefault((selectors[ry][0].shape[0], selectors[rx][0].shape[0]), []).append((ry, rx))
-    for phases in groups.values():
-        # Phases with the same kernel size share one conv; each one then reads its own offset window.
-        kernels = [
-            torch.einsum("ay,oiyx,bx->oiab", selectors[ry][0], weight, selectors[rx][0]) for ry, rx in phases
-        ]
-        y = F.conv2d(padded, torch.cat(kernels), None if bias is None else bias.repeat(len(phases)))
-        for i, (ry, rx) in enumerate(phases):
-            oy, ox = selectors[ry][1] + 1, selectors[rx][1] + 1
-            out[:, :, ry::factor, rx::factor] = y[:, i * c_out:(i + 1) * c_out, oy:oy + h, ox:ox + w]
-    return out
-
-
-def _phase_selector(r: int, factor: int, like: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """For output phase r: a (taps, 3) 0/1 matrix sending each 3x3 kernel row to its input offset, and the lowest
-    offset (-1, 0)."""
-    offsets = [(r + t - 1) // factor for t in range(3)]
-    lo = min(offsets)
-    sel = torch.zeros(max(offsets) - lo + 1, 3, dtype=like.dtype, device=like.device)
-    for t, o in enumerate(offsets):
-        sel[o - lo, t] = 1
-    return sel, lo
-
-
 class ResBlock3d(nn.Module):
     """Pre-activation residual block: BN, ReLU, conv3d, BN, ReLU, conv3d, + input."""
 
@@ -133,6 +103,13 @@ class ResBlock3d(nn.Module):
         out = self.conv2(F.relu(self.norm2(out), inplace=True))
         return out + x
 
+    def fuse(self) -> nn.Module:
+        # norm1 normalises the block input, which the residual sum also reads: only norm2 (after conv1) folds.
+        if not isinstance(self.norm2, nn.Identity):
+            fold_batch_norm_(self.conv1, self.norm2)
+            self.norm2 = nn.Identity()
+        return self
+
 
 class Encoder3d(nn.Module):
     def __init__(self, in_ch: int):
@@ -147,7 +124,7 @@ class Encoder3d(nn.Module):
         return outs
 
 
-class Decoder3d(nn.Module):
+class Decoder3d(ConvNormBlock):
     """Up blocks, each followed by concatenation with the matching encoder output, then conv + BN + ReLU."""
 
     def __init__(self, in_ch: int):
@@ -181,7 +158,11 @@ class Hourglass3d(nn.Module):
 
 
 class DenseMotionNetwork(nn.Module):
-    """Keypoints + compressed source volume -> per-keypoint soft masks, dense deformation, occlusion map."""
+    """Keypoints + compressed source volume -> per-keypoint soft masks, dense deformation, occlusion map.
+
+    Keypoint math, the warps of the compressed volume, the mask softmax and the deformation always run in
+    float32; the hourglass and the mask / occlusion convolutions run in the dtype of their own weights.
+    """
 
     def __init__(self):
         super().__init__()
@@ -210,16 +191,25 @@ class DenseMotionNetwork(nn.Module):
         # Per region: [heatmap, 4 warped channels] -> 80 channels, region-major.
         x = torch.cat([heat.unsqueeze(2), deformed], dim=2).view(b, regions * (COMPRESS + 1), d, h, w)
         del deformed, heat
-        prediction = self.hourglass(x)
+        prediction = self.hourglass(cast_for(x, self.hourglass))
         del x
-        mask = F.softmax(self.mask(prediction), dim=1)
+        mask = F.softmax(self.mask(cast_for(prediction, self.mask)).float(), dim=1)
         # 112 channels x 16 depths flattened feature-major (channel = c * 16 + depth) for the 2-D conv.
-        occlusion = torch.sigmoid(self.occlusion(prediction.view(b, -1, h, w)))
+        occlusion = self.occlusion(cast_for(prediction, self.occlusion).reshape(b, -1, h, w))
+        occlusion = torch.sigmoid(occlusion.float())
         del prediction
         # The cut is not renormalised (upstream behaviour the weights were trained with).
         kept = torch.where(mask < MASK_CUT, torch.zeros((), dtype=mask.dtype, device=mask.device), mask)
-        deformation = (motions * kept.unsqueeze(-1)).sum(dim=1)
+        deformation = blend_motions(grid, kept, kp_source, kp_driving)
         return {"mask": mask, "deformation": deformation, "occlusion_map": occlusion}
+
+    def fuse(self) -> nn.Module:
+        if not isinstance(self.norm, nn.Identity):
+            fold_batch_norm_(self.compress, self.norm)
+            self.norm = nn.Identity()
+        if isinstance(self.occlusion, nn.Conv2d):
+            self.occlusion = ShiftSumConv2d(self.occlusion)
+        return self
 
 
 def sparse_motions(grid: torch.Tensor, kp_source: torch.Tensor, kp_driving: torch.Tensor) -> torch.Tensor:
@@ -232,17 +222,32 @@ def sparse_motions(grid: torch.Tensor, kp_source: torch.Tensor, kp_driving: torc
 def keypoint_heatmaps(grid: torch.Tensor, kp_source: torch.Tensor, kp_driving: torch.Tensor) -> torch.Tensor:
     """(B, 16, D, H, W): zero background, then Gaussian(driving) - Gaussian(source) per keypoint."""
     b, k = kp_driving.shape[:2]
+    axes = (grid[0, 0, :, 0], grid[0, :, 0, 1], grid[:, 0, 0, 2])  # x along W, y along H, z along D
 
     def gaussian(kp: torch.Tensor) -> torch.Tensor:
-        diff = grid - kp.reshape(-1, k, 1, 1, 1, 3)
-        return torch.exp(-0.5 * (diff**2).sum(-1) / KP_VARIANCE)
+        # exp of a sum of squares = product of exps: the 3-D Gaussian is an outer product of three 1-D ones.
+        fx, fy, fz = (torch.exp(-0.5 * (axis - kp[..., i, None]) ** 2 / KP_VARIANCE) for i, axis in enumerate(axes))
+        return fz[..., :, None, None] * fy[..., None, :, None] * fx[..., None, None, :]
 
     heat = gaussian(kp_driving) - gaussian(kp_source)
     return torch.cat([heat.new_zeros(b, 1, *grid.shape[:3]), heat], dim=1)
 
 
+def blend_motions(
+    grid: torch.Tensor, weights: torch.Tensor, kp_source: torch.Tensor, kp_driving: torch.Tensor
+) -> torch.Tensor:
+    """(B, D, H, W, 3) = sum over regions of weight * sparse motion, without building the weighted motions.
+
+    Every motion is the grid plus a constant (zero for the background), so the sum is
+    `grid * sum(weights) + sum_k weight_k * (kp_source_k - kp_driving_k)`.
+    """
+    shifts = (kp_source - kp_driving).expand(weights.shape[0], -1, -1)  # (B, 15, 3)
+    offset = torch.einsum("bkdhw,bkc->bdhwc", weights[:, 1:], shifts)
+    return torch.addcmul(offset, grid, weights.sum(dim=1).unsqueeze(-1))
+
+
 class SPADE(nn.Module):
-    """Instance norm of x modulated by gamma/beta predicted from the label map."""
+    """Instance norm of x modulated by gamma/beta predicted from the label map (official layout)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -253,15 +258,32 @@ class SPADE(nn.Module):
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         """`seg` is the label map at its own (lower) resolution; x's size is an integer multiple of it."""
         factor = x.shape[-1] // seg.shape[-1]
-        conv = self.mlp_shared[0]
-        hidden = F.relu(upsampled_conv3x3(seg, conv.weight, conv.bias, factor), inplace=True)
-        # gamma is released before beta exists: at 512 each map is up to 256 MiB per sample.
-        out = F.instance_norm(x, eps=1e-5).mul_(self.mlp_gamma(hidden).add_(1))
-        return out.add_(self.mlp_beta(hidden))
+        hidden = self.mlp_shared(F.interpolate(seg, scale_factor=float(factor), mode="nearest"))
+        return F.instance_norm(x, eps=IN_EPS) * (1 + self.mlp_gamma(hidden)) + self.mlp_beta(hidden)
+
+    def modulation(self, shortcut: nn.Conv2d | None = None) -> tuple[nn.Conv2d, nn.Conv2d]:
+        """Inference (gamma, beta) convs: gamma's bias holds the `1 +`, and with a (linear, bias-free) `shortcut`
+        conv, beta comes pre-mixed by it: conv_s(n * g + beta) = conv_s(n * g) + (conv_s o mlp_beta)(hidden),
+        a 3x3 conv with conv_s's (fewer) output channels."""
+        dtype = self.mlp_gamma.weight.dtype
+        gamma = _conv_like(self.mlp_gamma, self.mlp_gamma.weight, (self.mlp_gamma.bias.double() + 1).to(dtype))
+        if shortcut is None:
+            return gamma, _conv_like(self.mlp_beta, self.mlp_beta.weight, self.mlp_beta.bias)
+        mix = shortcut.weight.detach().double().flatten(1)
+        weight = torch.einsum("of,fiyx->oiyx", mix, self.mlp_beta.weight.double())
+        return gamma, _conv_like(self.mlp_beta, weight.to(dtype), (mix @ self.mlp_beta.bias.double()).to(dtype))
+
+
+def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
+    """A conv with `conv`'s geometry and the given (detached) weight and bias."""
+    out = nn.Conv2d(weight.shape[1], weight.shape[0], kernel_size=conv.kernel_size, padding=conv.padding)
+    out.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+    out.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+    return out
 
 
 class SPADEResnetBlock(nn.Module):
-    """SPADE residual block; conv_0/1/s hold the folded spectral-norm kernels."""
+    """SPADE residual block (official layout); conv_0/1/s hold the folded spectral-norm kernels."""
 
     def __init__(self, fin: int, fout: int):
         super().__init__()
@@ -277,13 +299,58 @@ class SPADEResnetBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         shortcut = self.conv_s(self.norm_s(x, seg)) if self.learned_shortcut else x
-        dx = self.conv_0(F.leaky_relu(self.norm_0(x, seg), 0.2, inplace=True))
-        dx = self.conv_1(F.leaky_relu(self.norm_1(dx, seg), 0.2, inplace=True))
-        return dx.add_(shortcut)
+        dx = self.conv_0(F.leaky_relu(self.norm_0(x, seg), 0.2))
+        dx = self.conv_1(F.leaky_relu(self.norm_1(dx, seg), 0.2))
+        return dx + shortcut
+
+    def norms(self) -> list[SPADE]:
+        """The SPADE layers in the order the fused block consumes their hidden maps."""
+        return [self.norm_0, self.norm_1] + ([self.norm_s] if self.learned_shortcut else [])
+
+
+class FusedSPADEResnetBlock(nn.Module):
+    """Inference form of SPADEResnetBlock: hidden maps come precomputed, the `1 +` of gamma is in its bias, the
+    instance norm of x is shared by norm_0 and norm_s, and the shortcut's beta is pre-mixed by conv_s.
+
+    With `upsample` the block takes x at half resolution: the instance norm of a nearest-upsampled map equals
+    the upsampled instance norm, so x is normalised small and only the result is upsampled.
+    """
+
+    def __init__(self, block: SPADEResnetBlock, upsample: bool = False):
+        super().__init__()
+        self.learned_shortcut = block.learned_shortcut
+        self.upsample = upsample
+        self.conv_0, self.conv_1 = block.conv_0, block.conv_1
+        self.gamma_0, self.beta_0 = block.norm_0.modulation()
+        self.gamma_1, self.beta_1 = block.norm_1.modulation()
+        if self.learned_shortcut:
+            self.conv_s = block.conv_s
+            self.gamma_s, self.beta_s = block.norm_s.modulation(shortcut=block.conv_s)
+        elif upsample:
+            raise ValueError("an upsampling block needs a learned shortcut (x itself is never upsampled)")
+
+    def forward(self, x: torch.Tensor, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """`hidden` = [norm_0's, norm_1's(, norm_s's)] maps; they are popped, so each is freed once used."""
+        normed = F.instance_norm(x, eps=IN_EPS)
+        if self.upsample:
+            normed = F.interpolate(normed, scale_factor=2.0, mode="nearest")
+        shortcut = x
+        if self.learned_shortcut:
+            h = hidden.pop()
+            shortcut = self.conv_s(normed * self.gamma_s(h)).add_(self.beta_s(h))
+        h = hidden.pop(0)
+        # beta first, then gamma: at most two full-size maps besides `normed` (at 512 each is up to 256 MiB).
+        dx = self.beta_0(h).addcmul_(normed, self.gamma_0(h))
+        del normed
+        dx = self.conv_0(F.leaky_relu(dx, 0.2, inplace=True))
+        h = hidden.pop(0)
+        dx = self.beta_1(h).addcmul_(F.instance_norm(dx, eps=IN_EPS), self.gamma_1(h))
+        del h
+        return self.conv_1(F.leaky_relu(dx, 0.2, inplace=True)).add_(shortcut)
 
 
 class SPADEDecoder(nn.Module):
-    """256-channel warped features (also the label map) -> image (B, 3, 4h, 4w) in (0, 1)."""
+    """256-channel warped features (also the label map) -> image (B, 3, 4h, 4w) in (0, 1) (official layout)."""
 
     def __init__(self):
         super().__init__()
@@ -301,7 +368,44 @@ class SPADEDecoder(nn.Module):
             x = getattr(self, f"G_middle_{i}")(x, seg)
         x = self.up_0(F.interpolate(x, scale_factor=2.0, mode="nearest"), seg)
         x = self.up_1(F.interpolate(x, scale_factor=2.0, mode="nearest"), seg)
-        return torch.sigmoid(self.conv_img(F.leaky_relu(x, 0.2, inplace=True)))
+        return torch.sigmoid(self.conv_img(F.leaky_relu(x, 0.2)))
+
+    def fuse(self) -> nn.Module:
+        return FusedSPADEDecoder(self)
+
+
+class FusedSPADEDecoder(nn.Module):
+    """Inference form of SPADEDecoder. The first conv of every SPADE layer reads the same label map, so per
+    resolution stage (middle blocks at 1x, up_0 at 2x, up_1 at 4x) all of them run as one polyphase bank on the
+    label map itself: upsampled label maps are never built, and stage by stage only the current hidden maps
+    are alive (all 18 at once would be ~0.6 GiB per sample at 512)."""
+
+    def __init__(self, decoder: SPADEDecoder):
+        super().__init__()
+        self.fc, self.conv_img = decoder.fc, decoder.conv_img
+        middle = [f"G_middle_{i}" for i in range(NUM_MIDDLE)]
+        # Per stage: (block name, number of SPADE layers) in order; the stage's bank yields their maps in turn.
+        self.stages: list[list[tuple[str, int]]] = []
+        for s, (names, factor) in enumerate([(middle, 1), (["up_0"], 2), (["up_1"], 4)]):
+            convs: list[tuple[torch.Tensor, torch.Tensor | None, tuple[int, ...]]] = []
+            for name in names:
+                block = getattr(decoder, name)
+                self.add_module(name, FusedSPADEResnetBlock(block, upsample=factor > 1))
+                convs += [(n.mlp_shared[0].weight, n.mlp_shared[0].bias, (factor, factor)) for n in block.norms()]
+            self.add_module(f"label_{s}", PhaseConvBank(convs, relu=True))
+            self.stages.append([(name, len(getattr(decoder, name).norms())) for name in names])
+
+    def forward(self, seg: torch.Tensor) -> torch.Tensor:
+        seg = cast_for(seg, self.fc)
+        x = self.fc(seg)
+        for s, blocks in enumerate(self.stages):
+            hidden = getattr(self, f"label_{s}")(seg)
+            for name, count in blocks:
+                # The block pops from its own list: no other reference keeps a used map alive.
+                part, hidden = hidden[:count], hidden[count:]
+                x = getattr(self, name)(x, part)
+        x = self.conv_img(F.leaky_relu(x, 0.2, inplace=True))
+        return torch.sigmoid(x.float())
 
 
 class Generator(nn.Module):
@@ -343,7 +447,7 @@ class Generator(nn.Module):
         motion = self.dense_motion_network(features.compressed, kp_source, kp_driving)
         warped = sample_volume(features.volume, motion["deformation"])
         h, w = warped.shape[-2:]
-        x = self.fourth(self.third(warped.reshape(b, -1, h, w)))
+        x = self.fourth(self.third(cast_for(warped.reshape(b, -1, h, w), self.third)))
         del warped
         motion["prediction"] = self.decoder(x.mul_(motion["occlusion_map"]))
         return motion
@@ -355,10 +459,14 @@ class Generator(nn.Module):
 
     @classmethod
     def from_official(cls, state: dict[str, torch.Tensor]) -> "Generator":
-        """Build from the official `generator.` tensors; spectral norms are folded once here."""
+        """Build from the official `generator.` tensors, then rewrite into the inference form.
+
+        Spectral norms are folded before the strict load (the official file stores their factors), everything
+        else after it (see `fuse_for_inference`).
+        """
         model = cls()
         model.load_state_dict(fold_spectral_norm(state), strict=True)
-        return model
+        return fuse_for_inference(model)
 
 
 def _check_keypoints(kp_source: torch.Tensor, kp_driving: torch.Tensor, source_batch: int) -> int:

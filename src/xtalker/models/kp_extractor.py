@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xtalker.models.blocks import DownBlock2d, UpBlock3d, coordinate_grid
+from xtalker.models.blocks import DownBlock2d, UpBlock3d, coordinate_grid, fuse_for_inference
 
 NUM_KP = 15
 TEMPERATURE = 0.1
@@ -79,9 +79,10 @@ class KPDetector(nn.Module):
 
     @classmethod
     def from_official(cls, state: dict[str, torch.Tensor]) -> "KPDetector":
+        """Strict load in the official layout, then the inference form (BN folded, polyphase up blocks)."""
         model = cls()
         model.load_state_dict(state, strict=True)
-        return model
+        return fuse_for_inference(model)
 
 
 def heatmap_to_keypoints(heatmap: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""Named presets (configs/presets.yaml): defaults for a group of settings; explicit flags override them."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Settings a preset may set, with the type each must have.
+PRESET_FIELDS: dict[str, type] = {"precision": str, "batch_size": int, "threads": int}
+
+
+class PresetError(ValueError):
+    """Unknown preset, or a presets file that does not parse."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    settings: dict[str, Any]
+
+
+def presets_file() -> Path:
+    """$XTALKER_PRESETS, else configs/presets.yaml of the checkout, else the copy installed with the package."""
+    if env := os.environ.get("XTALKER_PRESETS"):
+        return Path(env)
+    checkout = Path(__file__).resolve().parents[2] / "configs" / "presets.yaml"
+    if checkout.is_file():
+        return checkout
+    return Path(sys.prefix) / "share" / "xtalker" / "configs" / "presets.yaml"
+
+
+def load_presets(path: Path | None = None) -> dict[str, Preset]:
+    path = path or presets_file()
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise PresetError(f"cannot read presets from {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise PresetError(f"{path}: expected a mapping of preset names")
+    presets = {}
+    for name, body in raw.items():
+        if not isinstance(body, dict):
+            raise PresetError(f"{path}: preset {name!r} is not a mapping")
+        settings = {k: v for k, v in body.items() if k != "description"}
+        for key, value in settings.items():
+            kind = PRESET_FIELDS.get(key)
+            if kind is None:
+                raise PresetError(f"{path}: preset {name!r} sets unknown field {key!r} (known: {', '.join(PRESET_FIELDS)})")
+            if value is not None and not isinstance(value, kind):
+                raise PresetError(f"{path}: preset {name!r}: {key} must be {kind.__name__}, got {value!r}")
+        presets[str(name)] = Preset(str(name), str(body.get("description", "")), settings)
+    return presets
+
+
+def get_preset(name: str, path: Path | None = None) -> Preset:
+    presets = load_presets(path)
+    if name not in presets:
+        raise PresetError(f"unknown preset {name!r}; available: {', '.join(presets)} (see --list_presets)")
+    return presets[name]
+
+
+def describe(presets: dict[str, Preset]) -> str:
+    lines = []
+    for p in presets.values():
+        settings = ", ".join(f"{k}={v}" for k, v in p.settings.items())
+        lines.append(f"{p.name:<12} {settings}\n{'':<12} {p.description}")
+    return "\n".join(lines)

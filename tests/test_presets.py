@@ -1,0 +1,82 @@
+"""Presets: YAML loading, explicit flags over presets, listing, clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from xtalker.cli import build_parser, config_from_args
+from xtalker.presets import PresetError, get_preset, load_presets
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["--driven_audio", "a.wav", "--source_image", "b.png"]
+
+
+def config_for(*flags: str):
+    return config_from_args(build_parser().parse_args([*BASE, *flags]))
+
+
+def test_shipped_presets_parse_and_use_known_settings():
+    presets = load_presets()
+    assert {"quality", "balanced"} <= set(presets)
+    assert presets["quality"].settings["precision"] == "fp32"
+    assert presets["balanced"].settings["precision"] == "bf16"
+    for preset in presets.values():
+        config = config_for("--preset", preset.name)
+        config.validate()
+        assert config.precision == preset.settings["precision"]
+
+
+def test_defaults_without_a_preset_are_upstreams():
+    config = config_for()
+    assert (config.precision, config.batch_size, config.threads) == ("fp32", 2, None)
+
+
+def test_explicit_flags_win_over_the_preset():
+    assert config_for("--preset", "balanced").precision == "bf16"
+    config = config_for("--preset", "balanced", "--precision", "fp32", "--batch_size", "5", "--threads", "1")
+    assert (config.precision, config.batch_size, config.threads) == ("fp32", 5, 1)
+
+
+def test_unknown_preset_and_bad_files(tmp_path, monkeypatch):
+    with pytest.raises(PresetError, match="unknown preset 'turbo'; available: quality, balanced"):
+        get_preset("turbo")
+    bad = tmp_path / "p.yaml"
+    bad.write_text("quick:\n  precision: bf16\n  workers: 9\n")
+    with pytest.raises(PresetError, match="unknown field 'workers'"):
+        load_presets(bad)
+    bad.write_text("quick:\n  batch_size: two\n")
+    with pytest.raises(PresetError, match="batch_size must be int"):
+        load_presets(bad)
+    monkeypatch.setenv("XTALKER_PRESETS", str(bad))
+    with pytest.raises(PresetError):
+        load_presets()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "inference.py"), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_list_presets_and_cli_errors():
+    proc = _cli("--list_presets")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("quality") and "precision=bf16" in proc.stdout
+    proc = _cli(*BASE, "--preset", "turbo")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: unknown preset 'turbo'; available: quality, balanced (see --list_presets)"
+    )
+    proc = _cli("--preset", "quality")
+    assert proc.returncode == 2 and "--driven_audio and --source_image are required" in proc.stderr
+
+
+def test_ipex_backend_says_why_it_is_unavailable():
+    import importlib.util
+
+    if importlib.util.find_spec("intel_extension_for_pytorch") is not None:
+        pytest.skip("IPEX is installed here")
+    proc = _cli(*BASE, "--backend", "ipex")
+    assert proc.returncode == 2
+    assert "intel_extension_for_pytorch is not installed" in proc.stderr and "--precision bf16" in proc.stderr
