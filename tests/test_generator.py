@@ -261,7 +261,7 @@ def test_inference_form_equals_the_official_generator(generator, official_genera
     assert isinstance(generator.decoder, FusedSPADEDecoder)
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in generator.dense_motion_network.modules())
     source = image(9, 1, 128)
-    kp_source, kp_driving = keypoints(10, 1), keypoints(10, 1) + 0.1 * keypoints(11, 2)
+    kp_source, kp_driving = keypoints(10, 1), keypoints(10, 1) + 0.1 * keypoints(11, 1)
     expected = official_generator(source, kp_source, kp_driving)
     out = generator(source, kp_source, kp_driving)
     torch.testing.assert_close(out["mask"], expected["mask"], rtol=0, atol=1e-5)

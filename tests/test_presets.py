@@ -21,7 +21,8 @@ def config_for(*flags: str):
 
 def test_shipped_presets_parse_and_use_known_settings():
     presets = load_presets()
-    assert {"quality", "balanced"} <= set(presets)
+    assert list(presets) == ["quality", "balanced", "fast", "ultra_fast"]
+    assert presets["fast"].settings["precision"] == presets["ultra_fast"].settings["precision"] == "int8"
     assert presets["quality"].settings["precision"] == "fp32"
     assert presets["balanced"].settings["precision"] == "bf16"
     for preset in presets.values():
@@ -42,7 +43,7 @@ def test_explicit_flags_win_over_the_preset():
 
 
 def test_unknown_preset_and_bad_files(tmp_path, monkeypatch):
-    with pytest.raises(PresetError, match="unknown preset 'turbo'; available: quality, balanced"):
+    with pytest.raises(PresetError, match="unknown preset 'turbo'; available: quality, balanced, fast, ultra_fast"):
         get_preset("turbo")
     bad = tmp_path / "p.yaml"
     bad.write_text("quick:\n  precision: bf16\n  workers: 9\n")
@@ -66,7 +67,7 @@ def test_list_presets_and_cli_errors():
     assert proc.stdout.startswith("quality") and "precision=bf16" in proc.stdout
     proc = _cli(*BASE, "--preset", "turbo")
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "error: unknown preset 'turbo'; available: quality, balanced (see --list_presets)"
+        "error: unknown preset 'turbo'; available: quality, balanced, fast, ultra_fast (see --list_presets)"
     )
     proc = _cli("--preset", "quality")
     assert proc.returncode == 2 and "--driven_audio and --source_image are required" in proc.stderr

@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--landmarks", default="auto", help="face landmark backend (auto picks the best available)")
     ours.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
     ours.add_argument("--precision", choices=PRECISIONS, default=None, help="renderer precision (default fp32)")
+    ours.add_argument("--no-compile", "--no_compile", dest="compile", action="store_false",
+                      help="never build or load compiled graphs (int8 needs them; fp32/bf16 are eager anyway)")
+    ours.add_argument("--cache_dir", type=Path, default=None,
+                      help="where compiled int8 graphs are kept (default: $XTALKER_CACHE_DIR or ~/.cache/xtalker/compiled)")
     ours.add_argument("--backend", choices=("native", "ipex"), default="native", help="native PyTorch/oneDNN, or Intel Extension for PyTorch when importable")
     ours.add_argument("--preset", default=None, help="named settings from configs/presets.yaml; explicit flags win")
     ours.add_argument("--list_presets", action="store_true", help="show the presets and exit")
@@ -116,6 +120,8 @@ def config_from_args(args: argparse.Namespace) -> InferenceConfig:
         ref_pose=args.ref_pose,
         landmarks=args.landmarks,
         backend=args.backend,
+        compile=args.compile,
+        cache_dir=args.cache_dir,
         seed=args.seed,
         threads=chosen["threads"],
         profile=args.profile,
@@ -167,6 +173,10 @@ def write_report(path: Path, result, config: InferenceConfig) -> None:
         "landmarks": result.landmarks,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(config).items()},
         "profile": result.profile.as_dict(),
+        "int8": None if result.int8 is None else {
+            "from_cache": result.int8.from_cache, "seconds": round(result.int8.seconds, 2), "artifact": str(result.int8.path),
+            "build_timings_s": result.int8.timings,
+        },
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu": platform.processor() or platform.machine()},
     }
@@ -206,12 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     from xtalker.landmarks import LandmarkBackendError, NoFaceError
     from xtalker.media import MediaError
     from xtalker.pipeline import AudioTooShortError, default_output, generate
+    from xtalker.quantize import QuantizationUnavailableError, check_available
     from xtalker.source import SourceError
     from xtalker.synthetic import is_synthetic_folder
 
-    expected = (CheckpointError, ConfigError, LandmarkBackendError, NoFaceError, MediaError, SourceError, AudioTooShortError)
+    expected = (CheckpointError, ConfigError, LandmarkBackendError, NoFaceError, MediaError, SourceError, AudioTooShortError,
+                QuantizationUnavailableError)
     try:
         config.validate()
+        if config.precision == "int8":
+            check_available()
         for path, what in ((config.driven_audio, "driven audio"), (config.source_image, "source image"),
                            (config.ref_eyeblink, "--ref_eyeblink video"), (config.ref_pose, "--ref_pose video")):
             if path is not None and not path.is_file():

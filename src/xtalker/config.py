@@ -40,6 +40,8 @@ class InferenceConfig:
     ref_pose: Path | None = None
     landmarks: str = "auto"
     backend: str = "native"  # or "ipex": intel_extension_for_pytorch.optimize on the generator
+    compile: bool = True  # int8 runs an ahead-of-time compiled graph; fp32/bf16 run eagerly either way
+    cache_dir: Path | None = None  # compiled int8 graphs; None: $XTALKER_CACHE_DIR or ~/.cache/xtalker/compiled
     seed: int | None = None  # None: a fresh seed per run (upstream is unseeded), reported for reruns
     threads: int | None = None  # None: torch's default (all cores)
     profile: bool = False
@@ -63,8 +65,11 @@ class InferenceConfig:
             raise ConfigError(f"--pose_style must be in 0..{NUM_POSE_STYLES - 1}, got {self.pose_style}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.precision == "int8":
-            raise ConfigError("--precision int8 is not available in this build yet; use --precision bf16 (or --preset balanced)")
+        if self.precision == "int8" and not self.compile:
+            raise ConfigError("--precision int8 runs a compiled graph and cannot be used with --no-compile; "
+                              "drop --no-compile, or use --precision bf16 (eager)")
+        if self.precision == "int8" and self.backend == "ipex":
+            raise ConfigError("--backend ipex applies to the fp32/bf16 generator; use --backend native with --precision int8")
         if self.batch_size < 1:
             raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
         if not self.expression_scale >= 0:

@@ -18,7 +18,12 @@ import torch
 from tqdm import tqdm
 
 from xtalker.audio import audio_windows, crop_to_frames, num_video_frames
-from xtalker.audio2coeff import Audio2Coeff, apply_ref_pose, blink_ratio, windows_to_tensor
+from xtalker.audio2coeff import (
+    Audio2Coeff,
+    apply_ref_pose,
+    blink_ratio,
+    windows_to_tensor,
+)
 from xtalker.checkpoints import CheckpointPaths, find_checkpoints, load_network
 from xtalker.config import FPS, InferenceConfig
 from xtalker.frames import resize_to_original, to_uint8
@@ -26,7 +31,20 @@ from xtalker.landmarks import LandmarkBackend, get_backend
 from xtalker.media import VideoWriter, load_audio
 from xtalker.paste import PasteTarget, paste_target, seamless_paste
 from xtalker.profiling import Profiler
-from xtalker.render_inputs import driving_sequence, source_image, source_semantics
+from xtalker.quantize import (
+    ArtifactInfo,
+    CalibrationBatch,
+    Int8Settings,
+    quantize_generator,
+    record_calibration,
+    tensor_digest,
+)
+from xtalker.render_inputs import (
+    DrivingSequence,
+    driving_sequence,
+    source_image,
+    source_semantics,
+)
 from xtalker.renderer import Renderer
 from xtalker.source import PreparedFace, prepare_source, video_coefficients
 
@@ -34,6 +52,9 @@ log = logging.getLogger(__name__)
 
 EXP_DIM = 64
 SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
+CALIBRATION_PORTRAIT = Path(__file__).parent / "data" / "calibration" / "portrait.png"
+CALIBRATION_SPEECH = Path(__file__).parent / "data" / "calibration" / "speech.wav"
+CALIBRATION_FRAMES = 8
 
 
 class AudioTooShortError(ValueError):
@@ -48,6 +69,7 @@ class RunResult:
     seed: int
     landmarks: str
     profile: Profiler
+    int8: ArtifactInfo | None = None  # where the quantized generator came from (int8 runs)
 
 
 @dataclass(frozen=True)
@@ -57,10 +79,49 @@ class Setting:
     paths: CheckpointPaths
     precision: str = "fp32"
     backend: str = "native"
+    cache_dir: Path | None = None  # compiled int8 graphs; None: xtalker.quantize.default_cache_dir()
 
     @classmethod
     def of(cls, config: InferenceConfig) -> "Setting":
-        return cls(find_checkpoints(config.checkpoint_dir, config.size, config.preprocess), config.precision, config.backend)
+        paths = find_checkpoints(config.checkpoint_dir, config.size, config.preprocess)
+        return cls(paths, config.precision, config.backend, config.cache_dir)
+
+
+@dataclass(frozen=True)
+class ExampleInputs:
+    """Renderer inputs made from a portrait and a speech clip by this checkpoint's own networks."""
+
+    image: np.ndarray  # (1, 3, S, S) in [0, 1]
+    semantics: np.ndarray  # (1, C, 27)
+    sequence: DrivingSequence
+
+
+def example_inputs(head: "TalkingHead", portrait: Path, wav: np.ndarray, seed: int = 0) -> ExampleInputs:
+    """What `generate` feeds the renderer for `portrait` and the 16 kHz `wav` (crop mode, or full mode for a
+    73-channel mapping net), without rendering: for calibration and benchmarks."""
+    preprocess = "full" if head.paths.coeff_nc == 73 else "crop"
+    config = InferenceConfig(driven_audio=portrait, source_image=portrait, size=head.paths.size, preprocess=preprocess)
+    face = prepare_source(portrait, head.landmarks, head.recon, preprocess, head.paths.size)
+    wav = crop_to_frames(wav)
+    coeffs = speech_coefficients(head, config, face, wav, num_video_frames(len(wav)), {}, seed, Profiler())
+    return ExampleInputs(
+        image=source_image(face.crop.image),
+        semantics=source_semantics(face.coeff_3dmm, preprocess),
+        sequence=driving_sequence(coeffs, face.coeff_3dmm, preprocess),
+    )
+
+
+def calibration_batches(head: "TalkingHead", frames: int = CALIBRATION_FRAMES, batch_size: int = 2) -> list[CalibrationBatch]:
+    """The int8 calibration recipe: the bundled portrait and speech clip through this checkpoint's networks,
+    `frames` driving windows spread over the clip. Fixed, so the quantized graph never depends on the user's
+    inputs and can be cached by checkpoint, size and settings alone."""
+    inputs = example_inputs(head, CALIBRATION_PORTRAIT, load_audio(CALIBRATION_SPEECH))
+    picks = np.linspace(0, inputs.sequence.num_frames - 1, frames).round().astype(int)
+    windows = np.concatenate([inputs.sequence.windows(int(i), int(i) + 1) for i in picks])
+    return record_calibration(
+        head.renderer, torch.from_numpy(inputs.image), torch.from_numpy(inputs.semantics),
+        torch.from_numpy(windows), batch_size,
+    )
 
 
 class TalkingHead:
@@ -75,6 +136,27 @@ class TalkingHead:
         self.renderer = Renderer.from_checkpoints(paths.packed, paths.mapping, paths.coeff_nc, precision=setting.precision)
         if setting.backend == "ipex":
             self._use_ipex()
+        self.int8: ArtifactInfo | None = None
+
+    def quantize(self) -> ArtifactInfo | None:
+        """For int8: swap in the quantized, compiled generator (from the cache, else built once: minutes).
+
+        The cache key covers the generator's weights and code, the size, the settings and the calibration
+        recipe with the networks that make its inputs (keypoint detector, mapping net, landmark backend).
+        """
+        if self.setting.precision != "int8" or self.int8 is not None:
+            return self.int8
+        renderer = self.renderer
+        tag = "bundled-example-v1:" + ":".join(
+            [tensor_digest(renderer.kp_detector)[:16], tensor_digest(renderer.mapping)[:16], self.landmarks.name]
+        )
+        quantized = quantize_generator(
+            renderer.generator, lambda: calibration_batches(self), self.paths.size, self.setting.cache_dir,
+            Int8Settings(calibration_tag=tag),
+        )
+        renderer.generator = quantized
+        self.int8 = quantized.info
+        return self.int8
 
     @property
     def paths(self) -> CheckpointPaths:
@@ -154,6 +236,10 @@ def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunRes
     with prof.stage("load models"):
         if head is None or not head.serves(config):
             head = TalkingHead.from_config(config)
+    if config.precision == "int8":
+        with prof.stage("int8 graph"):
+            info = head.quantize()
+        log.info("int8 generator %s in %.1f s", "loaded from the cache" if info.from_cache else "built and cached", info.seconds)
     log.info("landmarks: %s backend; checkpoints %s + %s", head.landmarks.name, head.paths.packed.name, head.paths.mapping.name)
 
     with prof.stage("preprocess"):
@@ -196,4 +282,7 @@ def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunRes
             log.debug("frames %d-%d of %d", start, stop - 1, num_frames)
         with prof.stage("encode"):
             writer.close()
-    return RunResult(output=output, frames=num_frames, size_wh=size_wh, seed=seed, landmarks=head.landmarks.name, profile=prof)
+    return RunResult(
+        output=output, frames=num_frames, size_wh=size_wh, seed=seed, landmarks=head.landmarks.name, profile=prof,
+        int8=head.int8,
+    )
