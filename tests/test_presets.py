@@ -46,8 +46,8 @@ def test_unknown_preset_and_bad_files(tmp_path, monkeypatch):
     with pytest.raises(PresetError, match="unknown preset 'turbo'; available: quality, balanced, fast, ultra_fast"):
         get_preset("turbo")
     bad = tmp_path / "p.yaml"
-    bad.write_text("quick:\n  precision: bf16\n  workers: 9\n")
-    with pytest.raises(PresetError, match="unknown field 'workers'"):
+    bad.write_text("quick:\n  precision: bf16\n  turbo: 9\n")
+    with pytest.raises(PresetError, match="unknown field 'turbo'"):
         load_presets(bad)
     bad.write_text("quick:\n  batch_size: two\n")
     with pytest.raises(PresetError, match="batch_size must be int"):

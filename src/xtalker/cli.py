@@ -77,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--backend", choices=("native", "ipex"), default="native", help="native PyTorch/oneDNN, or Intel Extension for PyTorch when importable")
     ours.add_argument("--preset", default=None, help="named settings from configs/presets.yaml; explicit flags win")
     ours.add_argument("--list_presets", action="store_true", help="show the presets and exit")
+    par = p.add_argument_group("parallel rendering (see also generate_distributed_infer.py)")
+    par.add_argument("--workers", type=int, default=None,
+                     help="render in N processes pinned to disjoint core slots, then merge into one video")
+    par.add_argument("--job", type=Path, default=None,
+                     help="job folder of a parallel run (default: a new one under $XTALKER_JOBS_DIR or ~/.cache/xtalker/jobs); "
+                          "give an existing one to resume it")
+    par.add_argument("--stage", choices=("prepare", "render", "merge"), default=None,
+                     help="run one stage of a job (what run_distributed_infer_N.sh calls)")
+    par.add_argument("--shard", type=int, default=None, help="with --stage render: which shard (0-based)")
+    par.add_argument("--shards", type=int, default=None, help="with --stage render/merge: how many shards")
     ours.add_argument("--profile", action="store_true", help="print a per-stage timing table")
     ours.add_argument("--report", type=Path, default=None, help="write timings and run facts as JSON here")
     ours.add_argument("--version", action="version", version=f"xtalker {__version__}")
@@ -84,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Built-in defaults of the settings a preset may set; used when neither a flag nor the preset gives one.
-PRESETTABLE_DEFAULTS = {"precision": "fp32", "batch_size": 2, "threads": None}
+PRESETTABLE_DEFAULTS = {"precision": "fp32", "batch_size": 2, "threads": None, "workers": 1}
 
 
 def resolve_presettable(args: argparse.Namespace) -> dict[str, object]:
@@ -124,6 +134,7 @@ def config_from_args(args: argparse.Namespace) -> InferenceConfig:
         cache_dir=args.cache_dir,
         seed=args.seed,
         threads=chosen["threads"],
+        workers=chosen["workers"],
         profile=args.profile,
         report=args.report,
     )
@@ -186,6 +197,39 @@ def write_report(path: Path, result, config: InferenceConfig) -> None:
     os.replace(tmp, path)
 
 
+def _run(config: InferenceConfig, args: argparse.Namespace, argv: list[str]):
+    """One process (the default), N workers (--workers), or one stage of a job (--stage, from the script)."""
+    import torch
+
+    from xtalker import parallel
+    from xtalker.config import ConfigError
+    from xtalker.jobs import Job
+    from xtalker.pipeline import generate
+
+    if args.stage is None:
+        if config.workers == 1:
+            return generate(config)
+        return parallel.run_workers(config, argv, config.workers, args.job)
+    if config.workers != 1:
+        raise ConfigError("--stage runs one stage of a job: leave out --workers")
+    if args.job is None:
+        raise ConfigError(f"--stage {args.stage} needs --job DIR")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    job = Job(args.job)
+    if args.stage == "prepare":
+        parallel.stage_prepare(config, job)
+        return None
+    if args.shards is None or args.shards < 1:
+        raise ConfigError(f"--stage {args.stage} needs --shards N (N >= 1)")
+    if args.stage == "render":
+        if args.shard is None:
+            raise ConfigError("--stage render needs --shard I")
+        parallel.stage_render(config, job, args.shard, args.shards)
+        return None
+    return parallel.stage_merge(config, job, args.shards, config.output)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -215,13 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     from xtalker.config import ConfigError
     from xtalker.landmarks import LandmarkBackendError, NoFaceError
     from xtalker.media import MediaError
-    from xtalker.pipeline import AudioTooShortError, default_output, generate
+    from xtalker.parallel import JobError
+    from xtalker.pipeline import AudioTooShortError, default_output
     from xtalker.quantize import QuantizationUnavailableError, check_available
+    from xtalker.slots import SlotError
     from xtalker.source import SourceError
     from xtalker.synthetic import is_synthetic_folder
 
     expected = (CheckpointError, ConfigError, LandmarkBackendError, NoFaceError, MediaError, SourceError, AudioTooShortError,
-                QuantizationUnavailableError)
+                QuantizationUnavailableError, JobError, SlotError)
     try:
         config.validate()
         if config.precision == "int8":
@@ -237,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         if is_synthetic_folder(config.checkpoint_dir):
             log.warning("SYNTHETIC checkpoints in %s: the video shows meaningless pictures (real cost, fake weights). "
                         "Put the official SadTalker files there for real results.", config.checkpoint_dir)
-        result = generate(config)
+        result = _run(config, args, sys.argv[1:] if argv is None else argv)
     except expected as e:
         return _fail(str(e))
     except KeyboardInterrupt:
@@ -246,9 +292,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         return _fail(f"internal error ({type(e).__name__}: {e}); run again with --verbose for the traceback")
+    if result is None:  # a prepare or render stage: its output is in the job folder
+        return 0
     if config.report is not None:
         write_report(config.report, result, config)
     if config.profile:
         sys.stdout.write(result.profile.table() + "\n")
     sys.stdout.write(f"{result.output}\n")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -44,6 +44,7 @@ class InferenceConfig:
     cache_dir: Path | None = None  # compiled int8 graphs; None: $XTALKER_CACHE_DIR or ~/.cache/xtalker/compiled
     seed: int | None = None  # None: a fresh seed per run (upstream is unseeded), reported for reruns
     threads: int | None = None  # None: torch's default (all cores)
+    workers: int = 1  # >1: render in that many processes pinned to core slots (xtalker.parallel)
     profile: bool = False
     report: Path | None = None
 
@@ -74,6 +75,8 @@ class InferenceConfig:
             raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
         if not self.expression_scale >= 0:
             raise ConfigError(f"--expression_scale must be a number >= 0, got {self.expression_scale}")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         for name in ("input_yaw", "input_pitch", "input_roll"):

@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -45,7 +46,7 @@ from xtalker.render_inputs import (
     source_image,
     source_semantics,
 )
-from xtalker.renderer import Renderer
+from xtalker.renderer import PreparedSource, Renderer
 from xtalker.source import PreparedFace, prepare_source, video_coefficients
 
 log = logging.getLogger(__name__)
@@ -214,25 +215,21 @@ def speech_coefficients(
     return coeffs.numpy()
 
 
-def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunResult:
-    """Run one portrait + audio -> mp4. Raises clear errors for bad inputs before any output exists."""
-    config.validate()
-    prof = Profiler()
-    seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    output = config.output or default_output(config)
+@dataclass
+class PreparedRun:
+    """Everything rendering and writing need, computed once per run (workers get it from a job folder)."""
 
-    with prof.stage("audio"):
-        wav = load_audio(config.driven_audio)
-        num_frames = num_video_frames(len(wav))
-        if num_frames < 1:
-            raise AudioTooShortError(
-                f"{config.driven_audio} lasts {len(wav) / 16000:.3f} s: shorter than one video frame "
-                f"({1 / FPS:.2f} s); use a longer speech clip"
-            )
-        wav = crop_to_frames(wav)
+    num_frames: int
+    seed: int
+    wav: np.ndarray  # 16 kHz mono, cut to whole video frames
+    sequence: DrivingSequence
+    source: PreparedSource
+    crop_size_wh: tuple[int, int]  # the face crop's size in the picture: rendered frames are restored to it
+    paste: PasteTarget | None  # full modes: where the face goes back into the original picture
 
+
+def load_head(config: InferenceConfig, head: TalkingHead | None, prof: Profiler) -> TalkingHead:
+    """The networks for `config` (the given head when it serves it), int8 graph included."""
     with prof.stage("load models"):
         if head is None or not head.serves(config):
             head = TalkingHead.from_config(config)
@@ -240,6 +237,24 @@ def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunRes
         with prof.stage("int8 graph"):
             info = head.quantize()
         log.info("int8 generator %s in %.1f s", "loaded from the cache" if info.from_cache else "built and cached", info.seconds)
+    return head
+
+
+def load_speech(config: InferenceConfig, prof: Profiler) -> np.ndarray:
+    """The driving audio at 16 kHz, cut to whole video frames; checked before any network is loaded."""
+    with prof.stage("audio"):
+        wav = load_audio(config.driven_audio)
+        if num_video_frames(len(wav)) < 1:
+            raise AudioTooShortError(
+                f"{config.driven_audio} lasts {len(wav) / 16000:.3f} s: shorter than one video frame "
+                f"({1 / FPS:.2f} s); use a longer speech clip"
+            )
+        return crop_to_frames(wav)
+
+
+def prepare_run(config: InferenceConfig, head: TalkingHead, wav: np.ndarray, seed: int, prof: Profiler) -> PreparedRun:
+    """Source picture, coefficients and the renderer's source work: all that precedes per-frame work."""
+    num_frames = num_video_frames(len(wav))
     log.info("landmarks: %s backend; checkpoints %s + %s", head.landmarks.name, head.paths.packed.name, head.paths.mapping.name)
 
     with prof.stage("preprocess"):
@@ -256,33 +271,67 @@ def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunRes
     )
     with prof.stage("render"):
         source = head.renderer.prepare(source_image(face.crop.image), source_semantics(face.coeff_3dmm, config.preprocess))
-    target: PasteTarget | None = None
-    if config.pastes_back:
-        target = paste_target(face.original, face.info, face.geometry, config.extended_crop)
+    paste = paste_target(face.original, face.info, face.geometry, config.extended_crop) if config.pastes_back else None
+    return PreparedRun(num_frames, seed, wav, sequence, source, face.info.size, paste)
 
+
+def render_frames(
+    head: TalkingHead, run: PreparedRun, start: int, stop: int, batch_size: int, prof: Profiler
+) -> Iterator[np.ndarray]:
+    """Frames [start, stop) as (n, S, S, 3) uint8 batches of `batch_size` counted from `start`.
+
+    A frame's pixels depend on which frames share its batch (kernel blocking), so shards that start at
+    multiples of the batch size render exactly what one process renders.
+    """
+    for first in range(start, stop, batch_size):
+        last = min(first + batch_size, stop)
+        with prof.stage("render"):
+            yaw, pitch, roll = run.sequence.angles(first, last)
+            windows = run.sequence.windows(first, last)
+            frames = to_uint8(head.renderer.render(run.source, windows, yaw, pitch, roll))
+        prof.frames += last - first
+        yield frames
+
+
+def write_video(run: PreparedRun, batches: Iterable[np.ndarray], output: Path, prof: Profiler) -> tuple[int, int]:
+    """Rendered uint8 batches, in order -> aspect restore / paste-back -> one H.264 + AAC encode; the (w, h)."""
     size_wh = (0, 0)
-    with VideoWriter(output, fps=FPS, audio=wav) as writer, tqdm(
-        total=num_frames, unit="frame", desc="rendering", disable=None, leave=False
+    with VideoWriter(output, fps=FPS, audio=run.wav) as writer, tqdm(
+        total=run.num_frames, unit="frame", desc="rendering", disable=None, leave=False
     ) as progress:
-        for start in range(0, num_frames, config.batch_size):
-            stop = min(start + config.batch_size, num_frames)
+        for frames in batches:
             with prof.stage("render"):
-                yaw, pitch, roll = sequence.angles(start, stop)
-                frames = to_uint8(head.renderer.render(source, sequence.windows(start, stop), yaw, pitch, roll))
-                frames = resize_to_original(frames, face.info.size)
+                frames = resize_to_original(frames, run.crop_size_wh)
             for frame in frames:
-                if target is not None:
+                if run.paste is not None:
                     with prof.stage("paste"):
-                        frame = seamless_paste(frame, target)
+                        frame = seamless_paste(frame, run.paste)
                 with prof.stage("encode"):
                     writer.write(frame)
                 size_wh = (frame.shape[1], frame.shape[0])
-            prof.frames = stop
-            progress.update(stop - start)
-            log.debug("frames %d-%d of %d", start, stop - 1, num_frames)
+            progress.update(len(frames))
         with prof.stage("encode"):
             writer.close()
+    return size_wh
+
+
+def run_seed(config: InferenceConfig) -> int:
+    return config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
+
+
+def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunResult:
+    """Run one portrait + audio -> mp4. Raises clear errors for bad inputs before any output exists."""
+    config.validate()
+    prof = Profiler()
+    seed = run_seed(config)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    output = config.output or default_output(config)
+    wav = load_speech(config, prof)
+    head = load_head(config, head, prof)
+    run = prepare_run(config, head, wav, seed, prof)
+    size_wh = write_video(run, render_frames(head, run, 0, run.num_frames, config.batch_size, prof), output, prof)
     return RunResult(
-        output=output, frames=num_frames, size_wh=size_wh, seed=seed, landmarks=head.landmarks.name, profile=prof,
+        output=output, frames=run.num_frames, size_wh=size_wh, seed=seed, landmarks=head.landmarks.name, profile=prof,
         int8=head.int8,
     )

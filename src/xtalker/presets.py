@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 # Settings a preset may set, with the type each must have.
-PRESET_FIELDS: dict[str, type] = {"precision": str, "batch_size": int, "threads": int}
+PRESET_FIELDS: dict[str, type] = {"precision": str, "batch_size": int, "threads": int, "workers": int}
 
 
 class PresetError(ValueError):

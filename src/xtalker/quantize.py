@@ -435,9 +435,8 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], names: Sequence[s
 def _functional_graph(program: torch.export.ExportedProgram) -> fx.GraphModule:
     """Functional ATen graph, composite ops (conv2d, instance_norm, ...) kept.
 
-    The generator writes the phases of its upsampled convolutions into preallocated maps in place; in a
-    non-functional graph the quantizer would place the quantize node of such a map right after its allocation,
-    before it is filled.
+    In-place ops (the generator's inplace ReLUs and multiplies) become out-of-place ones: in a non-functional
+    graph the quantizer could place the quantize node of a tensor before the op that fills it.
     """
     unlifted = program.run_decompositions({}).module()
     # A plain GraphModule: the unlifted program refuses eval(), which the quantization flows call.

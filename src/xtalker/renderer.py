@@ -63,7 +63,8 @@ class Renderer:
         `coeff_nc` (70 or 73) is what the preprocess mode needs; a mapping file of the other kind is then an
         error naming the file. Without it the file's own channel count is taken. `precision` ("fp32" or
         "bf16") applies to the generator's per-frame work only (see `xtalker.precision`); the keypoint
-        detector and the mapping net always run in float32.
+        detector and the mapping net always run in float32. "int8" loads the generator in float32:
+        `xtalker.quantize` (through `pipeline.TalkingHead.quantize`) swaps in the compiled int8 one.
         """
         check_precision(precision)
         return cls(

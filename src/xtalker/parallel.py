@@ -1,0 +1,276 @@
+"""One run split over processes: prepare once, render contiguous frame shards in workers, merge into one video.
+
+The stages communicate through a job folder (`xtalker.jobs`): `prepare` stores what every worker needs
+(driving coefficients, the renderer's source work, the audio, the paste target) in `inputs.npz` and the run's
+facts in `job.json`; each `render` worker writes its frames to `shards/shard_NNNN.npy` (atomically: a shard
+file exists only when complete, so a rerun skips it); `merge` streams the shards in order through aspect
+restore / paste-back into the one encode. `run_workers` (`inference.py --workers N`) does all three, the
+workers pinned to disjoint core slots; `generate_distributed_infer.py` writes the same as a shell script.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from xtalker.config import InferenceConfig
+from xtalker.jobs import (
+    Job,
+    job_header,
+    jobs_root,
+    new_job_id,
+    read_json,
+    record_worker,
+    write_atomic,
+    write_json_atomic,
+)
+from xtalker.models.generator import SourceFeatures
+from xtalker.paste import PasteTarget
+from xtalker.pipeline import (
+    PreparedRun,
+    RunResult,
+    TalkingHead,
+    load_head,
+    load_speech,
+    prepare_run,
+    render_frames,
+    run_seed,
+    write_video,
+)
+from xtalker.profiling import Profiler
+from xtalker.render_inputs import DrivingSequence
+from xtalker.renderer import PreparedSource
+from xtalker.slots import pin_prefix, plan_slots
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prepare", "render", "merge")
+# Settings that do not change the video; anything else differing between stages means another run.
+NOT_RENDERING = {"output", "result_dir", "report", "profile", "threads", "workers", "cache_dir", "seed"}
+ANGLES = ("yaw", "pitch", "roll")
+
+
+class JobError(RuntimeError):
+    """A job folder is missing, incomplete, or belongs to other settings; a worker failed."""
+
+
+def shard_ranges(num_frames: int, shards: int, batch_size: int) -> list[tuple[int, int]]:
+    """`shards` contiguous frame ranges covering the clip, each starting at a multiple of `batch_size` (so the
+    frames share batches exactly as in one process), their batch counts differing by at most one."""
+    batches = -(-num_frames // batch_size)
+    bounds = [round(i * batches / shards) * batch_size for i in range(shards + 1)]
+    return [(min(a, num_frames), min(b, num_frames)) for a, b in zip(bounds, bounds[1:])]
+
+
+def settings_of(config: InferenceConfig) -> dict:
+    """The settings that shape the video, JSON-ready (checked by every stage against the job's)."""
+    return {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in dataclasses.asdict(config).items()
+        if k not in NOT_RENDERING
+    }
+
+
+def _inputs_path(job: Job) -> Path:
+    return job.path / "inputs.npz"
+
+
+def save_run(job: Job, run: PreparedRun, config: InferenceConfig, landmarks: str) -> None:
+    """inputs.npz, then job.json marked prepared: a job.json without the mark means an unfinished prepare."""
+    source = run.source
+    arrays = {
+        "wav": run.wav,
+        "coeffs": run.sequence.coeffs,
+        "kp_canonical": source.kp_canonical.numpy(),
+        "kp_source": source.kp_source.numpy(),
+    }
+    arrays.update({f"feature_{f.name}": getattr(source.features, f.name).numpy() for f in dataclasses.fields(source.features)})
+    arrays.update({name: a for name in ANGLES if (a := getattr(run.sequence, name)) is not None})
+    if run.paste is not None:
+        arrays["paste_background"] = run.paste.background
+    write_atomic(_inputs_path(job), lambda tmp: np.savez(tmp, **arrays))
+    write_json_atomic(job.meta, {
+        **job_header(),
+        "prepared": True,
+        "settings": settings_of(config),
+        "num_frames": run.num_frames,
+        "seed": run.seed,
+        "landmarks": landmarks,
+        "radius": run.sequence.radius,
+        "coeff_nc": source.coeff_nc,
+        "image_size": source.image_size,
+        "crop_size_wh": list(run.crop_size_wh),
+        "paste_box": None if run.paste is None else list(run.paste.box),
+    })
+
+
+def load_run(job: Job, config: InferenceConfig) -> tuple[PreparedRun, dict]:
+    meta = _prepared_meta(job, config)
+    with np.load(_inputs_path(job)) as data:
+        arrays = {k: data[k] for k in data.files}
+    features = SourceFeatures(**{
+        f.name: torch.from_numpy(arrays[f"feature_{f.name}"]) for f in dataclasses.fields(SourceFeatures)
+    })
+    source = PreparedSource(
+        kp_canonical=torch.from_numpy(arrays["kp_canonical"]), kp_source=torch.from_numpy(arrays["kp_source"]),
+        features=features, coeff_nc=meta["coeff_nc"], image_size=meta["image_size"],
+    )
+    sequence = DrivingSequence(arrays["coeffs"], *(arrays.get(name) for name in ANGLES), radius=meta["radius"])
+    paste = None
+    if meta["paste_box"] is not None:
+        paste = PasteTarget(arrays["paste_background"], tuple(meta["paste_box"]))
+    run = PreparedRun(meta["num_frames"], meta["seed"], arrays["wav"], sequence, source, tuple(meta["crop_size_wh"]), paste)
+    return run, meta
+
+
+def _prepared_meta(job: Job, config: InferenceConfig) -> dict:
+    if not job.meta.is_file() or not read_json(job.meta).get("prepared"):
+        raise JobError(f"job {job.path} is not prepared: run the prepare stage (or the whole script) first")
+    meta = read_json(job.meta)
+    if meta["settings"] != settings_of(config):
+        changed = sorted(k for k in set(meta["settings"]) | set(settings_of(config))
+                         if meta["settings"].get(k) != settings_of(config).get(k))
+        raise JobError(f"job {job.path} was prepared with other settings ({', '.join(changed)}); "
+                       "use the same flags for every stage, or a new job folder")
+    return meta
+
+
+def stage_prepare(config: InferenceConfig, job: Job, head: TalkingHead | None = None) -> TalkingHead | None:
+    """Compute the run's inputs once (skipped when the job is already prepared with these settings).
+
+    For int8 this also builds the compiled graph into the cache, so that the workers only load it.
+    """
+    Job.create(job.path)
+    if job.meta.is_file() and read_json(job.meta).get("prepared"):
+        _prepared_meta(job, config)
+        log.info("job %s: already prepared", job.path)
+        return head
+    prof = Profiler()
+    wav = load_speech(config, prof)
+    head = load_head(config, head, prof)
+    save_run(job, prepare_run(config, head, wav, run_seed(config), prof), config, head.landmarks.name)
+    log.info("job %s: prepared (%s)", job.path, prof.as_dict()["stages_s"])
+    return head
+
+
+def stage_render(config: InferenceConfig, job: Job, shard: int, shards: int) -> None:
+    """Render shard `shard` of `shards` into its .npy file (nothing to do when the file exists)."""
+    if not 0 <= shard < shards:
+        raise JobError(f"--shard must be in 0..{shards - 1}, got {shard}")
+    path = job.shard_path(shard)
+    if path.is_file():
+        log.info("job %s: shard %d already rendered", job.path, shard)
+        return
+    run, _ = load_run(job, config)
+    record_worker(job, shard)
+    start, stop = shard_ranges(run.num_frames, shards, config.batch_size)[shard]
+    prof = Profiler()
+    head = load_head(config, None, prof)
+    size = run.source.image_size
+
+    def write(tmp: Path) -> None:
+        frames = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(stop - start, size, size, 3))
+        at = 0
+        for batch in render_frames(head, run, start, stop, config.batch_size, prof):
+            frames[at : at + len(batch)] = batch
+            at += len(batch)
+        frames.flush()
+        del frames
+
+    write_atomic(path, write)
+    log.info("job %s: shard %d (frames %d-%d) rendered: %s", job.path, shard, start, stop - 1, prof.as_dict()["stages_s"])
+
+
+def _shard_batches(job: Job, shards: int, batch_size: int) -> Iterator[np.ndarray]:
+    for i in range(shards):
+        frames = np.load(job.shard_path(i), mmap_mode="r")
+        for at in range(0, len(frames), batch_size):
+            yield np.array(frames[at : at + batch_size])
+
+
+def stage_merge(config: InferenceConfig, job: Job, shards: int, output: Path, prof: Profiler | None = None) -> RunResult:
+    """Stream every shard, in order, into the one video at `output`; marks the job done."""
+    prof = prof or Profiler()
+    run, meta = load_run(job, config)
+    missing = [i for i in range(shards) if not job.shard_path(i).is_file()]
+    if missing:
+        raise JobError(f"job {job.path}: shard(s) {', '.join(map(str, missing))} of {shards} are not rendered; "
+                       "run their workers (or the script) again: finished shards are kept")
+    counts = [np.load(job.shard_path(i), mmap_mode="r").shape[0] for i in range(shards)]
+    if sum(counts) != run.num_frames:
+        raise JobError(f"job {job.path}: the shards hold {sum(counts)} frames, the run has {run.num_frames}; "
+                       f"were they rendered with another --shards count than {shards}?")
+    size_wh = write_video(run, _shard_batches(job, shards, config.batch_size), output, prof)
+    prof.frames = run.num_frames
+    write_json_atomic(job.meta, {**meta, "done": True, "output": str(output)})
+    return RunResult(output=output, frames=run.num_frames, size_wh=size_wh, seed=run.seed, landmarks=meta["landmarks"],
+                     profile=prof)
+
+
+def worker_argv(argv: Sequence[str], drop: Sequence[str] = ("--workers", "--threads", "--job", "--stage", "--shard", "--shards")) -> list[str]:
+    """The user's flags without those the orchestration sets per process (both `--flag V` and `--flag=V`)."""
+    out, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+            continue
+        name = token.split("=", 1)[0]
+        if name in drop:
+            skip = "=" not in token
+            continue
+        out.append(token)
+    return out
+
+
+def run_workers(config: InferenceConfig, argv: Sequence[str], workers: int, job_dir: Path | None = None) -> RunResult:
+    """`--workers N`: prepare here, N pinned worker processes, merge here. On success the job folder is removed;
+    on failure it stays, and the same command with `--job DIR` resumes it."""
+    slots = plan_slots(workers)
+    job = Job.create(job_dir or jobs_root() / new_job_id())
+    prof = Profiler()
+    with prof.stage("prepare (job)"):
+        stage_prepare(config, job)
+    base = [sys.executable, "-m", "xtalker.cli", *worker_argv(argv), "--job", str(job.path), "--stage", "render",
+            "--shards", str(workers)]
+    with prof.stage("render (workers)"), contextlib.ExitStack() as logs:
+        procs: dict[int, subprocess.Popen] = {}
+        for i, slot in enumerate(slots):
+            if job.shard_path(i).is_file():
+                continue
+            cmd = [*pin_prefix(slot), *base, "--shard", str(i), "--threads", str(slot.threads)]
+            out = logs.enter_context(open(job.log_path(i), "w"))
+            procs[i] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            log.info("worker %d on cpus %s: pid %d", i, slot.cpu_list, procs[i].pid)
+        _wait_all(procs, job)
+    result = stage_merge(config, job, workers, config.output, prof)
+    shutil.rmtree(job.path)
+    return result
+
+
+def _wait_all(procs: dict[int, subprocess.Popen], job: Job) -> None:
+    """Wait for every worker; on the first failure stop the others (ours only) and say which shard failed."""
+    pending = dict(procs)
+    while pending:
+        for i, proc in list(pending.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del pending[i]
+            if code != 0:
+                for other in pending.values():
+                    other.terminate()
+                for other in pending.values():
+                    other.wait()
+                raise JobError(f"worker for shard {i} failed (exit {code}); log: {job.log_path(i)}; finished shards "
+                               f"are kept in {job.path}: add --job {job.path} to the same command to resume")
+        time.sleep(0.2)
