@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py speed [--frames 8] [--configs baseline fp32 bf16 ...] [--checkpoint_dir C]
     python scripts/benchmark.py memory [--checkpoint_dir C] [--real 0.4 2] [--stream 10 600]
+    python scripts/benchmark.py parallel [--frames 24] [--precision bf16] [--checkpoint_dir C]
 
 speed: the same driving inputs (from the bundled example) through each renderer configuration, each in a
   fresh process: seconds per frame, speedup against the fp32 eager batch-2 baseline with upstream's work
@@ -9,6 +10,9 @@ speed: the same driving inputs (from the bundled example) through each renderer 
   difference against our fp32 frames, achieved GFLOP/s (counted FLOPs / time) and its share of a matmul
   peak measured in the same run, peak RSS, real-time factor, and the first batch's extra time (compile /
   quantize). Writes speed.json, speed.md and speed.png.
+
+parallel: whole CLI runs (fresh processes) over a grid of core slots x threads per slot, with
+  `--workers` for more than one slot: wall time and speedup against one process using every core.
 
 memory: peak resident memory of whole runs in fresh processes, for clips of several lengths.
   * real: the full pipeline, networks included (fp32 rendering is slow, so these clips are short);
@@ -382,6 +386,57 @@ def speed(args: argparse.Namespace) -> None:
     sys.stdout.write(table)
 
 
+# ---------------------------------------------------------------------------------------------- parallel
+
+def _parallel_one(checkpoint_dir: Path, audio: Path, folder: Path, slots: int, threads: int, precision: str) -> dict:
+    """One whole CLI run in a fresh process: `slots` pinned workers of `threads` threads (1 slot: no workers)."""
+    out, report = folder / f"s{slots}t{threads}.mp4", folder / f"s{slots}t{threads}.json"
+    cmd = [sys.executable, str(REPO / "inference.py"), "--driven_audio", str(audio), "--source_image", str(PORTRAIT),
+           "--checkpoint_dir", str(checkpoint_dir), "--output", str(out), "--report", str(report), "--seed", "0",
+           "--precision", precision, "--threads", str(threads)]
+    if slots > 1:
+        cmd += ["--workers", str(slots), "--job", str(folder / f"job_s{slots}t{threads}")]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"parallel run failed (slots {slots}, threads {threads}):\n{proc.stderr[-2000:]}")
+    data = json.loads(report.read_text())
+    return {"slots": slots, "threads_per_slot": threads, "frames": data["frames"], "wall_s": round(wall, 2),
+            "s_per_frame": wall / data["frames"], "stages_s": data["profile"]["stages_s"]}
+
+
+def parallel(args: argparse.Namespace) -> None:
+    """Whole runs over a slots x threads grid (slots * threads <= cores), the same clip and seed each."""
+    import torch
+
+    from xtalker.synthetic import default_cache_dir, ensure_cached
+
+    if args.checkpoint_dir is None:
+        args.checkpoint_dir = ensure_cached(default_cache_dir())
+    cores = len(os.sched_getaffinity(0))
+    grid = [(s, t) for s in range(1, cores + 1) for t in range(1, cores // s + 1)]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        audio = _speech_of_length(args.frames / 25, folder)
+        rows = [_parallel_one(args.checkpoint_dir, audio, folder, s, t, args.precision) for s, t in grid]
+    base = next(r for r in rows if r["slots"] == 1 and r["threads_per_slot"] == cores)
+    for r in rows:
+        r["speedup"] = base["wall_s"] / r["wall_s"]
+    machine = {"cpu": cpu_name(), "cores": cores, "torch": torch.__version__, "precision": args.precision,
+               "frames": rows[0]["frames"]}
+    lines = [f"Whole runs (load, prepare, render, merge/encode), {machine['frames']} frames at 256, {args.precision}, "
+             f"{machine['cpu']} ({cores} cores), torch {machine['torch']}; speedup against one process with {cores} threads.",
+             "", "| slots | threads per slot | wall (s) | s/frame | speedup |", "| ---: | ---: | ---: | ---: | ---: |"]
+    lines += [f"| {r['slots']} | {r['threads_per_slot']} | {r['wall_s']:.1f} | {r['s_per_frame']:.2f} | {r['speedup']:.2f}x |"
+              for r in rows]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "parallel.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    table = "\n".join(lines) + "\n"
+    (RESULTS / "parallel.md").write_text(table)
+    sys.stdout.write(table)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="suite", required=True)
@@ -394,6 +449,10 @@ def main() -> None:
     spd.add_argument("--checkpoint_dir", type=Path, default=None, help="default: synthetic checkpoints in the cache")
     spd.add_argument("--frames", type=int, default=8, help="frames rendered per configuration")
     spd.add_argument("--configs", nargs="+", default=list(SPEED_CONFIGS), choices=list(SPEED_CONFIGS))
+    par = sub.add_parser("parallel", help="whole runs over a slots x threads grid")
+    par.add_argument("--checkpoint_dir", type=Path, default=None, help="default: synthetic checkpoints in the cache")
+    par.add_argument("--frames", type=int, default=24, help="clip length in frames")
+    par.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "int8"))
     sp1 = sub.add_parser("_speed", help=argparse.SUPPRESS)
     sp1.add_argument("--config", choices=list(SPEED_CONFIGS), required=True)
     sp1.add_argument("--inputs", type=Path, required=True)
@@ -411,6 +470,8 @@ def main() -> None:
         memory(args)
     elif args.suite == "speed":
         speed(args)
+    elif args.suite == "parallel":
+        parallel(args)
     elif args.suite == "_speed":
         sys.stdout.write(json.dumps(_speed_one(args)) + "\n")
     else:

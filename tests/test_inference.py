@@ -238,7 +238,7 @@ def test_unwritable_output(tmp_path, synthetic_checkpoints):
 def test_options_without_an_implementation_are_refused(tmp_path, synthetic_checkpoints):
     proc = cli("--driven_audio", str(SPEECH), "--source_image", str(PORTRAIT), "--enhancer", "gfpgan")
     assert proc.returncode == 2 and "not available in this build" in proc.stderr
-    proc = cli("--driven_audio", str(SPEECH), "--source_image", str(PORTRAIT), "--precision", "int8")
-    assert proc.returncode != 0 and "int8 is not available in this build yet" in proc.stderr
+    proc = cli("--driven_audio", str(SPEECH), "--source_image", str(PORTRAIT), "--workers", "0")
+    assert proc.returncode != 0 and "--workers must be at least 1" in proc.stderr
     proc = cli("--driven_audio", str(SPEECH), "--source_image", str(PORTRAIT), "--pose_style", "46")
     assert proc.returncode != 0 and "--pose_style must be in 0..45" in proc.stderr

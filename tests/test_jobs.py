@@ -18,8 +18,18 @@ import numpy as np
 import pytest
 
 from xtalker import __version__, gc
-from xtalker.jobs import (Job, job_header, jobs_root, live_workers, new_job_id, process_identity, read_json,
-                          record_worker, write_atomic, write_json_atomic)
+from xtalker.jobs import (
+    Job,
+    job_header,
+    jobs_root,
+    live_workers,
+    new_job_id,
+    process_identity,
+    read_json,
+    record_worker,
+    write_atomic,
+    write_json_atomic,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]

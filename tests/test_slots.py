@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 from xtalker import slots as slots_module
-from xtalker.slots import CoreSlot, SlotError, available_cpus, compact_cpu_list, pin_prefix, plan_slots
+from xtalker.slots import (
+    CoreSlot,
+    SlotError,
+    available_cpus,
+    compact_cpu_list,
+    pin_prefix,
+    plan_slots,
+)
 
 
 def check_disjoint_cover(slots: list[CoreSlot], cpus: list[int]) -> None:
