@@ -42,6 +42,17 @@ def test_explicit_flags_win_over_the_preset():
     assert (config.precision, config.batch_size, config.threads) == ("fp32", 5, 1)
 
 
+def test_auto_workers_follow_the_machine(monkeypatch):
+    from xtalker import slots
+
+    monkeypatch.setattr(slots, "available_cpus", lambda: [0, 1])
+    assert config_for("--preset", "ultra_fast").workers == 1  # small machines: one process (measured as fast)
+    monkeypatch.setattr(slots, "available_cpus", lambda: list(range(16)))
+    assert config_for("--preset", "ultra_fast").workers == 4
+    assert config_for("--preset", "ultra_fast", "--workers", "2").workers == 2
+    assert config_for("--preset", "fast").workers == 1
+
+
 def test_unknown_preset_and_bad_files(tmp_path, monkeypatch):
     with pytest.raises(PresetError, match="unknown preset 'turbo'; available: quality, balanced, fast, ultra_fast"):
         get_preset("turbo")

@@ -99,13 +99,17 @@ PRESETTABLE_DEFAULTS = {"precision": "fp32", "batch_size": 2, "threads": None, "
 
 def resolve_presettable(args: argparse.Namespace) -> dict[str, object]:
     """Explicit flag > preset > built-in default, for every setting a preset may set."""
-    from xtalker.presets import get_preset
+    from xtalker.presets import AUTO, auto_workers, get_preset
+    from xtalker.slots import available_cpus
 
     preset = get_preset(args.preset).settings if args.preset else {}
-    return {
+    chosen = {
         name: getattr(args, name) if getattr(args, name) is not None else preset.get(name, default)
         for name, default in PRESETTABLE_DEFAULTS.items()
     }
+    if chosen["workers"] == AUTO:
+        chosen["workers"] = auto_workers(len(available_cpus()))
+    return chosen
 
 
 def config_from_args(args: argparse.Namespace) -> InferenceConfig:
