@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py speed [--frames 8] [--configs baseline fp32 bf16 ...] [--checkpoint_dir C]
     python scripts/benchmark.py memory [--checkpoint_dir C] [--real 0.4 2] [--stream 10 600]
+    python scripts/benchmark.py blend [--repeats 50]
     python scripts/benchmark.py parallel [--frames 24] [--precision bf16] [--checkpoint_dir C]
 
 speed: the same driving inputs (from the bundled example) through each renderer configuration, each in a
@@ -386,6 +387,45 @@ def speed(args: argparse.Namespace) -> None:
     sys.stdout.write(table)
 
 
+# ---------------------------------------------------------------------------------------------- blend
+
+def blend(args: argparse.Namespace) -> None:
+    """Paste-back cost per frame and mean difference against `seamless`, on the bundled portrait's real paste box
+    (full mode) with its crop, brightened and blurred, standing in for a rendered frame."""
+    import cv2
+
+    from xtalker.crop import crop_source
+    from xtalker.landmarks import get_backend
+    from xtalker.media import first_frame
+    from xtalker.paste import BLENDS, Paster, paste_target
+
+    picture = first_frame(PORTRAIT)
+    crop = crop_source(picture, get_backend("auto", None).detect(picture)[0].landmarks, mode="full", pic_size=256)
+    target = paste_target(picture, crop.info, crop.geometry, extended=False)
+    face = cv2.GaussianBlur(cv2.convertScaleAbs(crop.image, alpha=1.0, beta=25), (0, 0), 1.0)
+    y1, y2, x1, x2 = target.box
+    reference = Paster(target, "seamless")(face)[y1:y2, x1:x2].astype(np.float64)
+    rows = []
+    for method in BLENDS:
+        paste = Paster(target, method)
+        out = paste(face)
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            paste(face)
+        rows.append({"blend": method, "ms_per_frame": 1000 * (time.perf_counter() - start) / args.repeats,
+                     "mean_abs_vs_seamless": float(np.abs(out[y1:y2, x1:x2] - reference).mean())})
+    machine = {"cpu": cpu_name(), "picture_wh": [picture.shape[1], picture.shape[0]], "box_wh": list(target.size_wh)}
+    lines = [f"Paste-back of one 256 px frame into the {picture.shape[1]}x{picture.shape[0]} bundled portrait (box "
+             f"{target.size_wh[0]}x{target.size_wh[1]}), {machine['cpu']}, {args.repeats} repeats.", "",
+             "| blend | ms/frame | mean abs difference vs seamless (levels, in the box) |", "| --- | ---: | ---: |"]
+    lines += [f"| {r['blend']} | {r['ms_per_frame']:.2f} | {r['mean_abs_vs_seamless']:.2f} |" for r in rows]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "blend.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    table = "\n".join(lines) + "\n"
+    (RESULTS / "blend.md").write_text(table)
+    sys.stdout.write(table)
+
+
 # ---------------------------------------------------------------------------------------------- parallel
 
 def _parallel_one(checkpoint_dir: Path, audio: Path, folder: Path, slots: int, threads: int, precision: str) -> dict:
@@ -449,6 +489,8 @@ def main() -> None:
     spd.add_argument("--checkpoint_dir", type=Path, default=None, help="default: synthetic checkpoints in the cache")
     spd.add_argument("--frames", type=int, default=8, help="frames rendered per configuration")
     spd.add_argument("--configs", nargs="+", default=list(SPEED_CONFIGS), choices=list(SPEED_CONFIGS))
+    bl = sub.add_parser("blend", help="paste-back cost and difference per blend")
+    bl.add_argument("--repeats", type=int, default=50)
     par = sub.add_parser("parallel", help="whole runs over a slots x threads grid")
     par.add_argument("--checkpoint_dir", type=Path, default=None, help="default: synthetic checkpoints in the cache")
     par.add_argument("--frames", type=int, default=24, help="clip length in frames")
@@ -472,6 +514,8 @@ def main() -> None:
         speed(args)
     elif args.suite == "parallel":
         parallel(args)
+    elif args.suite == "blend":
+        blend(args)
     elif args.suite == "_speed":
         sys.stdout.write(json.dumps(_speed_one(args)) + "\n")
     else:

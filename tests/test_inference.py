@@ -87,9 +87,10 @@ def test_same_seed_same_video_bit_for_bit(tmp_path, speech, synthetic_checkpoint
     assert a.output.read_bytes() != c.output.read_bytes()
 
 
-def test_full_mode_pastes_into_the_original_picture(tmp_path, speech, synthetic_checkpoints):
+@pytest.mark.parametrize("blend", ["seamless", "feather"])
+def test_full_mode_pastes_into_the_original_picture(tmp_path, speech, synthetic_checkpoints, blend):
     audio = clip(tmp_path, speech, frames=2)
-    result, info = run(tmp_path, synthetic_checkpoints, audio, preprocess="full", still=True)
+    result, info = run(tmp_path, synthetic_checkpoints, audio, preprocess="full", still=True, blend=blend)
     assert (info.width, info.height) == (512, 512) and info.frame_count == 2
     frames = frames_of(result.output)
     original = cv2.cvtColor(cv2.imread(str(PORTRAIT)), cv2.COLOR_BGR2RGB)

@@ -18,6 +18,7 @@ from pathlib import Path
 from xtalker import __version__
 from xtalker.config import NUM_POSE_STYLES, PRECISIONS, SIZES, InferenceConfig
 from xtalker.crop import PREPROCESS_MODES
+from xtalker.paste import BLENDS
 
 log = logging.getLogger("xtalker")
 
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--landmarks", default="auto", help="face landmark backend (auto picks the best available)")
     ours.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
     ours.add_argument("--precision", choices=PRECISIONS, default=None, help="renderer precision (default fp32)")
+    ours.add_argument("--blend", choices=BLENDS, default=None,
+                      help="paste-back blend of the full modes: seamless (upstream, Poisson), alpha, feather, gaussian")
     ours.add_argument("--no-compile", "--no_compile", dest="compile", action="store_false",
                       help="never build or load compiled graphs (int8 needs them; fp32/bf16 are eager anyway)")
     ours.add_argument("--cache_dir", type=Path, default=None,
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Built-in defaults of the settings a preset may set; used when neither a flag nor the preset gives one.
-PRESETTABLE_DEFAULTS = {"precision": "fp32", "batch_size": 2, "threads": None, "workers": 1}
+PRESETTABLE_DEFAULTS = {"precision": "fp32", "batch_size": 2, "threads": None, "workers": 1, "blend": "seamless"}
 
 
 def resolve_presettable(args: argparse.Namespace) -> dict[str, object]:
@@ -139,6 +142,7 @@ def config_from_args(args: argparse.Namespace) -> InferenceConfig:
         seed=args.seed,
         threads=chosen["threads"],
         workers=chosen["workers"],
+        blend=chosen["blend"],
         profile=args.profile,
         report=args.report,
     )

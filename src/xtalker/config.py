@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xtalker.crop import PREPROCESS_MODES
+from xtalker.paste import BLENDS
 
 SIZES = (256, 512)
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -40,6 +41,7 @@ class InferenceConfig:
     ref_pose: Path | None = None
     landmarks: str = "auto"
     backend: str = "native"  # or "ipex": intel_extension_for_pytorch.optimize on the generator
+    blend: str = "seamless"  # paste-back blend of the full modes (xtalker.paste.BLENDS)
     compile: bool = True  # int8 runs an ahead-of-time compiled graph; fp32/bf16 run eagerly either way
     cache_dir: Path | None = None  # compiled int8 graphs; None: $XTALKER_CACHE_DIR or ~/.cache/xtalker/compiled
     seed: int | None = None  # None: a fresh seed per run (upstream is unseeded), reported for reruns
@@ -75,6 +77,8 @@ class InferenceConfig:
             raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
         if not self.expression_scale >= 0:
             raise ConfigError(f"--expression_scale must be a number >= 0, got {self.expression_scale}")
+        if self.blend not in BLENDS:
+            raise ConfigError(f"--blend must be one of {', '.join(BLENDS)}, got {self.blend!r}")
         if self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
         if self.threads is not None and self.threads < 1:

@@ -30,7 +30,7 @@ from xtalker.config import FPS, InferenceConfig
 from xtalker.frames import resize_to_original, to_uint8
 from xtalker.landmarks import LandmarkBackend, get_backend
 from xtalker.media import VideoWriter, load_audio
-from xtalker.paste import PasteTarget, paste_target, seamless_paste
+from xtalker.paste import Paster, PasteTarget, paste_target
 from xtalker.profiling import Profiler
 from xtalker.quantize import (
     ArtifactInfo,
@@ -293,9 +293,12 @@ def render_frames(
         yield frames
 
 
-def write_video(run: PreparedRun, batches: Iterable[np.ndarray], output: Path, prof: Profiler) -> tuple[int, int]:
+def write_video(
+    run: PreparedRun, batches: Iterable[np.ndarray], output: Path, prof: Profiler, blend: str = "seamless"
+) -> tuple[int, int]:
     """Rendered uint8 batches, in order -> aspect restore / paste-back -> one H.264 + AAC encode; the (w, h)."""
     size_wh = (0, 0)
+    paste = None if run.paste is None else Paster(run.paste, blend)
     with VideoWriter(output, fps=FPS, audio=run.wav) as writer, tqdm(
         total=run.num_frames, unit="frame", desc="rendering", disable=None, leave=False
     ) as progress:
@@ -303,9 +306,9 @@ def write_video(run: PreparedRun, batches: Iterable[np.ndarray], output: Path, p
             with prof.stage("render"):
                 frames = resize_to_original(frames, run.crop_size_wh)
             for frame in frames:
-                if run.paste is not None:
+                if paste is not None:
                     with prof.stage("paste"):
-                        frame = seamless_paste(frame, run.paste)
+                        frame = paste(frame)
                 with prof.stage("encode"):
                     writer.write(frame)
                 size_wh = (frame.shape[1], frame.shape[0])
@@ -330,7 +333,8 @@ def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunRes
     wav = load_speech(config, prof)
     head = load_head(config, head, prof)
     run = prepare_run(config, head, wav, seed, prof)
-    size_wh = write_video(run, render_frames(head, run, 0, run.num_frames, config.batch_size, prof), output, prof)
+    frames = render_frames(head, run, 0, run.num_frames, config.batch_size, prof)
+    size_wh = write_video(run, frames, output, prof, config.blend)
     return RunResult(
         output=output, frames=run.num_frames, size_wh=size_wh, seed=seed, landmarks=head.landmarks.name, profile=prof,
         int8=head.int8,
