@@ -29,7 +29,6 @@ IGNORED_UPSTREAM = {
     "--focal": float, "--center": float, "--camera_d": float, "--z_near": float, "--z_far": float,
 }
 NOT_AVAILABLE = {
-    "enhancer": "--enhancer is not available in this build yet; run without it (face enhancement comes in a later release)",
     "background_enhancer": "--background_enhancer is not available in this build; run without it",
     "face3dvis": "--face3dvis (3-D face visualisation) is not available in XTalker; run without it",
     "old_version": "--old_version (legacy per-network .pth checkpoints) is not supported; use the SadTalker_V0.0.2 safetensors files",
@@ -55,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--input_yaw", nargs="+", type=float, default=None, help="yaw keyframes in degrees (one value: constant)")
     up.add_argument("--input_pitch", nargs="+", type=float, default=None, help="pitch keyframes in degrees")
     up.add_argument("--input_roll", nargs="+", type=float, default=None, help="roll keyframes in degrees")
-    up.add_argument("--enhancer", type=str, default=None, help="face enhancer (gfpgan, RestoreFormer): not available yet")
+    up.add_argument("--enhancer", type=str, default=None,
+                    help="face enhancer: lightweight (unsharp mask, no weights); gfpgan and RestoreFormer are not available yet")
     up.add_argument("--background_enhancer", type=str, default=None, help="background enhancer (realesrgan): not available yet")
     up.add_argument("--cpu", action="store_true", help="run on the CPU (XTalker always does)")
     up.add_argument("--face3dvis", action="store_true", help="not available")
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Built-in defaults of the settings a preset may set; used when neither a flag nor the preset gives one.
-PRESETTABLE_DEFAULTS = {"precision": "fp32", "batch_size": 2, "threads": None, "workers": 1, "blend": "seamless"}
+PRESETTABLE_DEFAULTS = {"precision": "fp32", "batch_size": 2, "threads": None, "workers": 1, "blend": "seamless", "enhancer": None}
 
 
 def resolve_presettable(args: argparse.Namespace) -> dict[str, object]:
@@ -143,6 +143,7 @@ def config_from_args(args: argparse.Namespace) -> InferenceConfig:
         threads=chosen["threads"],
         workers=chosen["workers"],
         blend=chosen["blend"],
+        enhancer=chosen["enhancer"],
         profile=args.profile,
         report=args.report,
     )
@@ -254,6 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, message in NOT_AVAILABLE.items():
         if getattr(args, name):
             return _fail(message, 2)
+    if args.enhancer is not None:
+        from xtalker.enhance import check_enhancer
+
+        try:
+            check_enhancer(args.enhancer)
+        except ValueError as e:
+            return _fail(str(e), 2)
     if args.backend == "ipex" and (problem := ipex_unavailable()):
         return _fail(problem, 2)
     if args.cpu:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xtalker.crop import PREPROCESS_MODES
+from xtalker.enhance import check_enhancer
 from xtalker.paste import BLENDS
 
 SIZES = (256, 512)
@@ -42,6 +43,7 @@ class InferenceConfig:
     landmarks: str = "auto"
     backend: str = "native"  # or "ipex": intel_extension_for_pytorch.optimize on the generator
     blend: str = "seamless"  # paste-back blend of the full modes (xtalker.paste.BLENDS)
+    enhancer: str | None = None  # face enhancer (xtalker.enhance.ENHANCERS), None: none
     compile: bool = True  # int8 runs an ahead-of-time compiled graph; fp32/bf16 run eagerly either way
     cache_dir: Path | None = None  # compiled int8 graphs; None: $XTALKER_CACHE_DIR or ~/.cache/xtalker/compiled
     seed: int | None = None  # None: a fresh seed per run (upstream is unseeded), reported for reruns
@@ -77,6 +79,10 @@ class InferenceConfig:
             raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
         if not self.expression_scale >= 0:
             raise ConfigError(f"--expression_scale must be a number >= 0, got {self.expression_scale}")
+        try:
+            check_enhancer(self.enhancer)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.blend not in BLENDS:
             raise ConfigError(f"--blend must be one of {', '.join(BLENDS)}, got {self.blend!r}")
         if self.workers < 1:

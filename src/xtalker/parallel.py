@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 STAGES = ("prepare", "render", "merge")
 # Settings that do not change the video; anything else differing between stages means another run.
-NOT_RENDERING = {"output", "result_dir", "report", "profile", "threads", "workers", "cache_dir", "seed", "blend"}
+NOT_RENDERING = {"output", "result_dir", "report", "profile", "threads", "workers", "cache_dir", "seed", "blend", "enhancer"}
 ANGLES = ("yaw", "pitch", "roll")
 
 
@@ -210,7 +210,8 @@ def stage_merge(config: InferenceConfig, job: Job, shards: int, output: Path, pr
     if sum(counts) != run.num_frames:
         raise JobError(f"job {job.path}: the shards hold {sum(counts)} frames, the run has {run.num_frames}; "
                        f"were they rendered with another --shards count than {shards}?")
-    size_wh = write_video(run, _shard_batches(job, shards, config.batch_size), output, prof, config.blend)
+    size_wh = write_video(run, _shard_batches(job, shards, config.batch_size), output, prof, config.blend,
+                          config.enhancer)
     prof.frames = run.num_frames
     write_json_atomic(job.meta, {**meta, "done": True, "output": str(output)})
     return RunResult(output=output, frames=run.num_frames, size_wh=size_wh, seed=run.seed, landmarks=meta["landmarks"],

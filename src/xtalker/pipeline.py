@@ -27,6 +27,7 @@ from xtalker.audio2coeff import (
 )
 from xtalker.checkpoints import CheckpointPaths, find_checkpoints, load_network
 from xtalker.config import FPS, InferenceConfig
+from xtalker.enhance import make_enhancer
 from xtalker.frames import resize_to_original, to_uint8
 from xtalker.landmarks import LandmarkBackend, get_backend
 from xtalker.media import VideoWriter, load_audio
@@ -294,11 +295,14 @@ def render_frames(
 
 
 def write_video(
-    run: PreparedRun, batches: Iterable[np.ndarray], output: Path, prof: Profiler, blend: str = "seamless"
+    run: PreparedRun, batches: Iterable[np.ndarray], output: Path, prof: Profiler, blend: str = "seamless",
+    enhancer: str | None = None,
 ) -> tuple[int, int]:
-    """Rendered uint8 batches, in order -> aspect restore / paste-back -> one H.264 + AAC encode; the (w, h)."""
+    """Rendered uint8 batches, in order -> aspect restore -> enhancer -> paste-back -> one H.264 + AAC encode;
+    returns the video's (w, h)."""
     size_wh = (0, 0)
     paste = None if run.paste is None else Paster(run.paste, blend)
+    enhance = make_enhancer(enhancer)
     with VideoWriter(output, fps=FPS, audio=run.wav) as writer, tqdm(
         total=run.num_frames, unit="frame", desc="rendering", disable=None, leave=False
     ) as progress:
@@ -306,6 +310,9 @@ def write_video(
             with prof.stage("render"):
                 frames = resize_to_original(frames, run.crop_size_wh)
             for frame in frames:
+                if enhance is not None:
+                    with prof.stage("enhance"):
+                        frame = enhance(frame)
                 if paste is not None:
                     with prof.stage("paste"):
                         frame = paste(frame)
@@ -334,7 +341,7 @@ def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunRes
     head = load_head(config, head, prof)
     run = prepare_run(config, head, wav, seed, prof)
     frames = render_frames(head, run, 0, run.num_frames, config.batch_size, prof)
-    size_wh = write_video(run, frames, output, prof, config.blend)
+    size_wh = write_video(run, frames, output, prof, config.blend, config.enhancer)
     return RunResult(
         output=output, frames=run.num_frames, size_wh=size_wh, seed=seed, landmarks=head.landmarks.name, profile=prof,
         int8=head.int8,

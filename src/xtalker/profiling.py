@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 # Table order; stages that interleave per batch (render, paste, encode) accumulate over all batches.
-STAGES = ("load models", "preprocess", "audio", "audio2coeff", "render", "paste", "encode")
+STAGES = ("load models", "preprocess", "audio", "audio2coeff", "render", "enhance", "paste", "encode")
 
 
 @dataclass

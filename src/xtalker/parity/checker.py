@@ -29,6 +29,7 @@ RUNNER_MODULES = (
     "xtalker.parity.cases_preprocess",
     "xtalker.parity.cases_renderer",
     "xtalker.parity.cases_generator",
+    "xtalker.parity.cases_aux",
 )
 
 
