@@ -1,7 +1,7 @@
 """Face enhancement of rendered frames, in the streaming pipeline (after aspect restore, before paste-back).
 
 `lightweight` needs no weights: an unsharp mask that restores some of the detail the 256 px renderer loses,
-at well under a millisecond per frame. `gfpgan` (upstream's GFPGAN v1.4) is refused with a clear message
+at about a millisecond per frame. `gfpgan` (upstream's GFPGAN v1.4) is refused with a clear message
 until the network lands.
 """
 
