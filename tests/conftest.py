@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import wave
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -13,6 +15,17 @@ REPO = Path(__file__).resolve().parents[1]
 def golden_dir() -> Path:
     """The reference golden cases: $XTALKER_GOLDEN_DIR, else ../shared/reference/golden beside the checkout."""
     return Path(os.environ.get("XTALKER_GOLDEN_DIR") or REPO.parent / "shared" / "reference" / "golden")
+
+
+def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
+    """Mono 16-bit PCM wav of float samples in [-1, 1]."""
+    pcm = np.clip(np.round(samples * 32767), -32768, 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes(pcm.tobytes())
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import wave
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from conftest import write_wav
 
 from xtalker.config import InferenceConfig
 from xtalker.media import VideoWriter, iter_video_frames, load_audio, probe
@@ -18,16 +18,6 @@ from xtalker.pipeline import TalkingHead, generate
 REPO = Path(__file__).resolve().parents[1]
 PORTRAIT = REPO / "examples" / "source_image" / "astronaut.png"
 SPEECH = REPO / "examples" / "driven_audio" / "hello.wav"
-
-
-def write_wav(path: Path, samples: np.ndarray, rate: int = 16000) -> Path:
-    pcm = np.clip(np.round(samples * 32767), -32768, 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes(pcm.tobytes())
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from conftest import write_wav
 
 from xtalker import cli, quantize
 from xtalker.config import InferenceConfig
@@ -62,15 +62,7 @@ def test_int8_frames_stay_close_to_fp32(int8_head, synthetic_checkpoints, int8_c
 
 def test_second_run_loads_the_compiled_graph(int8_head, synthetic_checkpoints, int8_cache, tmp_path):
     """A new process with the same checkpoint, size and settings: no calibration, quantization or compilation."""
-    wav = tmp_path / "two_frames.wav"
-    import wave
-
-    speech = load_audio(CALIBRATION_SPEECH)[4000 : 4000 + 2 * 640 + 100]
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(np.round(speech * 32767).astype("<i2").tobytes())
+    wav = write_wav(tmp_path / "two_frames.wav", load_audio(CALIBRATION_SPEECH)[4000 : 4000 + 2 * 640 + 100])
     out, report = tmp_path / "int8.mp4", tmp_path / "report.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "inference.py"), "--driven_audio", str(wav), "--source_image", str(PORTRAIT),

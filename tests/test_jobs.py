@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from xtalker import __version__, gc
+from xtalker.atomic import read_json, write_atomic, write_json_atomic
 from xtalker.jobs import (
     Job,
     job_header,
@@ -25,10 +26,7 @@ from xtalker.jobs import (
     live_workers,
     new_job_id,
     process_identity,
-    read_json,
     record_worker,
-    write_atomic,
-    write_json_atomic,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,14 +9,15 @@ import subprocess
 import sys
 import threading
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_wav
 
 from xtalker import cli
-from xtalker.jobs import Job, jobs_root, read_json
+from xtalker.atomic import read_json
+from xtalker.jobs import Job, jobs_root
 from xtalker.media import iter_video_frames, load_audio
 from xtalker.parallel import shard_ranges, worker_argv
 
@@ -43,13 +44,7 @@ def test_worker_argv_drops_what_each_worker_gets_its_own():
 
 def write_clip(folder: Path, frames: int) -> Path:
     samples = load_audio(SPEECH)[4000 : 4000 + frames * 640 + 200]
-    path = folder / f"speech of {frames} frames.wav"  # spaces: paths are quoted everywhere
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(np.round(samples * 32767).astype("<i2").tobytes())
-    return path
+    return write_wav(folder / f"speech of {frames} frames.wav", samples)  # spaces: paths are quoted everywhere
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,10 @@ ends with one `error:` line on stderr and a non-zero exit, never a traceback or 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 from xtalker import __version__
@@ -181,6 +179,7 @@ def _check_writable(path: Path, what: str) -> str | None:
 def write_report(path: Path, result, config: InferenceConfig) -> None:
     import torch
 
+    from xtalker.atomic import write_json_atomic
     from xtalker.config import FPS
 
     data = {
@@ -200,10 +199,7 @@ def write_report(path: Path, result, config: InferenceConfig) -> None:
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu": platform.processor() or platform.machine()},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, data)
 
 
 def _run(config: InferenceConfig, args: argparse.Namespace, argv: list[str]):

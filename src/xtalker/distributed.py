@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from xtalker.jobs import jobs_root, new_job_id, write_atomic
+from xtalker.atomic import write_atomic
+from xtalker.jobs import jobs_root, new_job_id
 from xtalker.slots import CoreSlot, SlotError, pin_prefix, plan_slots
 
 

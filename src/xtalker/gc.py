@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from xtalker.jobs import Job, is_same_process, jobs_root, live_workers, read_json
+from xtalker.atomic import read_json
+from xtalker.jobs import Job, is_same_process, jobs_root, live_workers
 
 log = logging.getLogger(__name__)
 

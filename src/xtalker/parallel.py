@@ -23,23 +23,14 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from xtalker.atomic import read_json, write_atomic, write_json_atomic
 from xtalker.config import InferenceConfig
-from xtalker.jobs import (
-    Job,
-    job_header,
-    jobs_root,
-    new_job_id,
-    read_json,
-    record_worker,
-    write_atomic,
-    write_json_atomic,
-)
+from xtalker.jobs import Job, job_header, jobs_root, new_job_id, record_worker
 from xtalker.models.generator import SourceFeatures
 from xtalker.paste import PasteTarget
 from xtalker.pipeline import (
     PreparedRun,
     RunResult,
-    TalkingHead,
     load_head,
     load_speech,
     prepare_run,
@@ -133,34 +124,36 @@ def load_run(job: Job, config: InferenceConfig) -> tuple[PreparedRun, dict]:
     return run, meta
 
 
+def _is_prepared(job: Job) -> bool:
+    return job.meta.is_file() and bool(read_json(job.meta).get("prepared"))
+
+
 def _prepared_meta(job: Job, config: InferenceConfig) -> dict:
-    if not job.meta.is_file() or not read_json(job.meta).get("prepared"):
+    if not _is_prepared(job):
         raise JobError(f"job {job.path} is not prepared: run the prepare stage (or the whole script) first")
-    meta = read_json(job.meta)
-    if meta["settings"] != settings_of(config):
-        changed = sorted(k for k in set(meta["settings"]) | set(settings_of(config))
-                         if meta["settings"].get(k) != settings_of(config).get(k))
+    meta, settings = read_json(job.meta), settings_of(config)
+    if meta["settings"] != settings:
+        changed = sorted(k for k in set(meta["settings"]) | set(settings) if meta["settings"].get(k) != settings.get(k))
         raise JobError(f"job {job.path} was prepared with other settings ({', '.join(changed)}); "
                        "use the same flags for every stage, or a new job folder")
     return meta
 
 
-def stage_prepare(config: InferenceConfig, job: Job, head: TalkingHead | None = None) -> TalkingHead | None:
+def stage_prepare(config: InferenceConfig, job: Job) -> None:
     """Compute the run's inputs once (skipped when the job is already prepared with these settings).
 
     For int8 this also builds the compiled graph into the cache, so that the workers only load it.
     """
     Job.create(job.path)
-    if job.meta.is_file() and read_json(job.meta).get("prepared"):
+    if _is_prepared(job):
         _prepared_meta(job, config)
         log.info("job %s: already prepared", job.path)
-        return head
+        return
     prof = Profiler()
     wav = load_speech(config, prof)
-    head = load_head(config, head, prof)
+    head = load_head(config, None, prof)
     save_run(job, prepare_run(config, head, wav, run_seed(config), prof), config, head.landmarks.name)
     log.info("job %s: prepared (%s)", job.path, prof.as_dict()["stages_s"])
-    return head
 
 
 def stage_render(config: InferenceConfig, job: Job, shard: int, shards: int) -> None:

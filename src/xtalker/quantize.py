@@ -24,7 +24,6 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
+
+from xtalker.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -421,15 +422,15 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], names: Sequence[s
     The batch range starts at 1 unless the generator's code branches on a batch of 1, then at 2 (a single frame
     is then padded to two).
     """
-    for min_batch in (1, 2):
+    def export(min_batch: int) -> torch.export.ExportedProgram:
         shapes = _nested(_dynamic_shapes(names, min_batch, max_batch))
-        try:
-            return torch.export.export(module, args, dynamic_shapes=shapes, strict=False), min_batch
-        except torch._dynamo.exc.UserError as err:
-            if min_batch == 2:
-                raise
-            log.debug("batch 1 specializes the graph (%s); exporting for batches of 2 and more", err)
-    raise AssertionError("unreachable")
+        return torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+
+    try:
+        return export(1), 1
+    except torch._dynamo.exc.UserError as err:
+        log.debug("batch 1 specializes the graph (%s); exporting for batches of 2 and more", err)
+        return export(2), 2
 
 
 def _functional_graph(program: torch.export.ExportedProgram) -> fx.GraphModule:
@@ -505,20 +506,6 @@ def _check_compiler() -> None:
             f"--precision int8 compiles the generator with AOTInductor, which needs a C++ compiler; {compiler!r} "
             "is not on PATH (install g++, e.g. apt-get install g++). Use --precision bf16 or fp32 meanwhile."
         )
-
-
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temp file in the same folder and rename: readers never see a partial file, and
-    concurrent writers of the same key each rename a complete one (the last wins)."""
-    # The temp name keeps the suffix: the .pt2 writer insists on it.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass
@@ -622,7 +609,7 @@ def quantize_generator(
     _check_compiler()
     cache.mkdir(parents=True, exist_ok=True)
     info = _build(generator, calibration, image_size, settings, engine, path)
-    _write_atomic(meta_path, lambda p: p.write_text(json.dumps(_meta(key, info), indent=1)))
+    write_atomic(meta_path, lambda p: p.write_text(json.dumps(_meta(key, info), indent=1)))
     info.seconds = time.perf_counter() - start
     log.info("int8 generator: built in %.0f s (%s) and cached as %s", info.seconds,
              ", ".join(f"{k} {v:.0f} s" for k, v in info.timings.items()), path)
@@ -673,7 +660,7 @@ def _build(
         shapes = _dynamic_shapes(names, min_batch, settings.max_batch)
         quantized = _quantize(gm, shapes, batches, names, engine)
         lap("calibrate + quantize")
-        _write_atomic(path, lambda p: _compile(quantized, args, shapes, p))
+        write_atomic(path, lambda p: _compile(quantized, args, shapes, p))
         lap("compile")
     return ArtifactInfo(
         path=path,
