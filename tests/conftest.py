@@ -37,6 +37,15 @@ def synthetic_checkpoints() -> Path:
 
 
 @pytest.fixture(scope="session")
+def aux_checkpoints() -> Path:
+    """A folder with the four synthetic aux files (GFPGAN, RetinaFace, AWing FAN, ParseNet), verified by digest."""
+    from xtalker.synthetic import default_cache_dir
+    from xtalker.synthetic_aux import ensure_all_aux
+
+    return ensure_all_aux(default_cache_dir())
+
+
+@pytest.fixture(scope="session")
 def golden() -> Path:
     path = golden_dir()
     if not path.is_dir():

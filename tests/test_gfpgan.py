@@ -19,19 +19,18 @@ from xtalker.models.gfpgan import (
     postprocess_to_bgr_u8,
     preprocess_bgr_u8,
 )
-from xtalker.parity.cases_aux import RUNNERS, gfpgan_file
+from xtalker.parity.cases_aux import RUNNERS
 from xtalker.parity.core import Case, Context
 from xtalker.synthetic import content_digest
-from xtalker.synthetic_aux import GFPGAN_DIGEST, GFPGAN_GROUP
+from xtalker.synthetic_aux import aux_layout
 
 USED_PARAMETERS = 84_339_239  # aux spec 3.1: 86,444,252 minus style MLP and toRGB heads
 AUX_MANIFEST = golden_dir().parent / "aux_manifest.json"
 
 
 @pytest.fixture(scope="module")
-def gfpgan_path(synthetic_checkpoints) -> Path:
-    # The same file the parity runner uses (written and digest-checked on first use).
-    return gfpgan_file(Context(synthetic_checkpoints))
+def gfpgan_path(aux_checkpoints) -> Path:
+    return aux_checkpoints / "GFPGANv1.4.pth"
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def test_layout_matches_manifest():
 def test_synthetic_file_follows_rule(gfpgan_path):
     top = torch.load(str(gfpgan_path), map_location="cpu", weights_only=True)
     assert list(top) == ["params_ema"]
-    assert content_digest(top["params_ema"], GFPGAN_GROUP) == GFPGAN_DIGEST
+    assert content_digest(top["params_ema"], "params_ema/") == aux_layout()["GFPGANv1.4.pth"]["digest"]
 
 
 def test_loader_builds_used_network(net):
@@ -66,7 +65,7 @@ def test_wrong_keys_give_clear_error(tmp_path):
         load_gfpgan(bad)
     flat = tmp_path / "flat.pth"
     torch.save({"conv_body_first.weight": torch.zeros(32, 3, 1, 1)}, flat)
-    with pytest.raises(ValueError, match=r"flat\.pth: no 'params_ema' or 'params'"):
+    with pytest.raises(ValueError, match=r"flat\.pth: no 'params_ema' or 'params' state dict"):
         load_gfpgan(flat)
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xtalker.models import auxfile
+
 log = logging.getLogger(__name__)
 
 FILE_NAME = "GFPGANv1.4.pth"
@@ -271,41 +273,12 @@ def official_layout() -> dict[str, tuple[int, ...]]:
 
 def check_state(state: dict[str, torch.Tensor], source: str) -> None:
     """Raise a ValueError naming `source` and the first offending keys unless `state` has the official layout."""
-    expected = official_layout()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        f"{k} {tuple(state[k].shape)} != {expected[k]}"
-        for k in set(expected) & set(state)
-        if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != expected[k]
-    )
-    wrong_dtype = sorted(k for k in set(expected) & set(state) if isinstance(state[k], torch.Tensor) and state[k].dtype != torch.float32)
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong), ("not float32", wrong_dtype)):
-        if items:
-            more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
-            problems.append(f"{label}: {', '.join(items[:3])}{more}")
-    if problems:
-        raise ValueError(f"{source}: not an official {FILE_NAME} state dict; " + "; ".join(problems))
+    auxfile.check_state(state, official_layout(), FILE_NAME, source)
 
 
 def read_gfpgan_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The checked state dict of a GFPGANv1.4 file: `params_ema`, else `params` (as GFPGANer picks)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: GFPGAN checkpoint not found")
-    try:
-        top = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors have many types; report them uniformly
-        raise ValueError(f"{path}: not a readable torch checkpoint ({type(e).__name__}: {e})") from e
-    if not isinstance(top, dict):
-        raise ValueError(f"{path}: expected a dict with 'params_ema' or 'params', got {type(top).__name__}")
-    key = "params_ema" if "params_ema" in top else "params"
-    if key not in top or not isinstance(top[key], dict):
-        raise ValueError(f"{path}: no 'params_ema' or 'params' state dict (top-level keys: {sorted(map(str, top))[:5]})")
-    state = top[key]
-    check_state(state, f"{path} [{key}]")
-    return state
+    return auxfile.read_state(path, FILE_NAME, official_layout(), top_keys=("params_ema", "params"))
 
 
 def load_gfpgan(path: str | Path) -> GFPGANv1Clean:

@@ -1,7 +1,7 @@
 """Parity runners for the auxiliary networks: GFPGAN v1.4 ("gfpgan_v14").
 
 The aux weight files are not among the four SadTalker files the Context knows, so a runner takes
-`GFPGANv1.4.pth` from the checkpoint folder when it is there and otherwise writes the verified synthetic
+its file (e.g. `GFPGANv1.4.pth`) from the checkpoint folder when it is there and otherwise writes the verified synthetic
 file (rule sadtalker-synth-v1-aux): into the checkpoint folder when that is a synthetic cache, else into
 the default synthetic cache folder.
 """
@@ -26,15 +26,15 @@ from xtalker.models.gfpgan import (
 )
 from xtalker.parity.core import Case, Check, Context, levels, max_abs, mean_abs
 from xtalker.synthetic import default_cache_dir
-from xtalker.synthetic_aux import ensure_gfpgan
+from xtalker.synthetic_aux import ensure_aux
 
 
-def gfpgan_file(ctx: Context) -> Path:
-    """The GFPGANv1.4.pth the cases run with (see the module docstring)."""
-    present = ctx.checkpoint_dir / GFPGAN_FILE
+def aux_file(ctx: Context, file_name: str) -> Path:
+    """The aux weight file `file_name` the cases run with (see the module docstring)."""
+    present = ctx.checkpoint_dir / file_name
     if present.is_file():
         return present
-    return ensure_gfpgan(ctx.checkpoint_dir if ctx.synthesize_missing else default_cache_dir())
+    return ensure_aux(ctx.checkpoint_dir if ctx.synthesize_missing else default_cache_dir(), file_name)
 
 
 @functools.lru_cache(maxsize=1)
@@ -43,7 +43,7 @@ def _gfpgan(path: str) -> GFPGANv1Clean:
 
 
 def run_gfpgan(case: Case, ctx: Context) -> list[Check]:
-    net = _gfpgan(str(gfpgan_file(ctx)))
+    net = _gfpgan(str(aux_file(ctx, GFPGAN_FILE)))
     crops = case.tensor("input.cropped_face_bgr_u8")
     single = crops.dim() == 3  # one HWC crop, or a batch of them
     x = preprocess_bgr_u8(crops.unsqueeze(0) if single else crops)
