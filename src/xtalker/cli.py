@@ -16,6 +16,7 @@ from pathlib import Path
 from xtalker import __version__
 from xtalker.config import NUM_POSE_STYLES, PRECISIONS, SIZES, InferenceConfig
 from xtalker.crop import PREPROCESS_MODES
+from xtalker.enhance import ALIGNS, check_weights
 from xtalker.paste import BLENDS
 
 log = logging.getLogger("xtalker")
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--input_pitch", nargs="+", type=float, default=None, help="pitch keyframes in degrees")
     up.add_argument("--input_roll", nargs="+", type=float, default=None, help="roll keyframes in degrees")
     up.add_argument("--enhancer", type=str, default=None,
-                    help="face enhancer: lightweight (unsharp mask, no weights); gfpgan and RestoreFormer are not available yet")
+                    help="face enhancer: gfpgan (GFPGAN v1.4, output twice the size, needs GFPGANv1.4.pth) or lightweight "
+                         "(unsharp mask, no weights)")
     up.add_argument("--background_enhancer", type=str, default=None, help="background enhancer (realesrgan): not available yet")
     up.add_argument("--cpu", action="store_true", help="run on the CPU (XTalker always does)")
     up.add_argument("--face3dvis", action="store_true", help="not available")
@@ -71,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--precision", choices=PRECISIONS, default=None, help="renderer precision (default fp32)")
     ours.add_argument("--blend", choices=BLENDS, default=None,
                       help="paste-back blend of the full modes: seamless (upstream, Poisson), alpha, feather, gaussian")
+    ours.add_argument("--enhance_align", choices=ALIGNS, default="source",
+                      help="how --enhancer gfpgan finds the face: source (aligned once from the source landmarks; fast) or "
+                           "detect (upstream: RetinaFace + ParseNet on every frame; needs detection_Resnet50_Final.pth and "
+                           "parsing_parsenet.pth)")
     ours.add_argument("--no-compile", "--no_compile", dest="compile", action="store_false",
                       help="never build or load compiled graphs (int8 needs them; fp32/bf16 are eager anyway)")
     ours.add_argument("--cache_dir", type=Path, default=None,
@@ -142,6 +148,7 @@ def config_from_args(args: argparse.Namespace) -> InferenceConfig:
         workers=chosen["workers"],
         blend=chosen["blend"],
         enhancer=chosen["enhancer"],
+        enhance_align=args.enhance_align,
         profile=args.profile,
         report=args.report,
     )
@@ -284,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         config.validate()
         if config.precision == "int8":
             check_available()
+        check_weights(config.enhancer, config.enhance_align, config.checkpoint_dir)
         for path, what in ((config.driven_audio, "driven audio"), (config.source_image, "source image"),
                            (config.ref_eyeblink, "--ref_eyeblink video"), (config.ref_pose, "--ref_pose video")):
             if path is not None and not path.is_file():

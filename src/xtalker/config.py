@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xtalker.crop import PREPROCESS_MODES
-from xtalker.enhance import check_enhancer
+from xtalker.enhance import ALIGNS, check_enhancer
 from xtalker.paste import BLENDS
 
 SIZES = (256, 512)
@@ -44,6 +44,7 @@ class InferenceConfig:
     backend: str = "native"  # or "ipex": intel_extension_for_pytorch.optimize on the generator
     blend: str = "seamless"  # paste-back blend of the full modes (xtalker.paste.BLENDS)
     enhancer: str | None = None  # face enhancer (xtalker.enhance.ENHANCERS), None: none
+    enhance_align: str = "source"  # GFPGAN face alignment (xtalker.enhance.ALIGNS): once from the source, or detect
     compile: bool = True  # int8 runs an ahead-of-time compiled graph; fp32/bf16 run eagerly either way
     cache_dir: Path | None = None  # compiled int8 graphs; None: $XTALKER_CACHE_DIR or ~/.cache/xtalker/compiled
     seed: int | None = None  # None: a fresh seed per run (upstream is unseeded), reported for reruns
@@ -83,6 +84,8 @@ class InferenceConfig:
             check_enhancer(self.enhancer)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.enhance_align not in ALIGNS:
+            raise ConfigError(f"--enhance_align must be one of {', '.join(ALIGNS)}, got {self.enhance_align!r}")
         if self.blend not in BLENDS:
             raise ConfigError(f"--blend must be one of {', '.join(BLENDS)}, got {self.blend!r}")
         if self.workers < 1:

@@ -31,6 +31,8 @@ from xtalker.paste import PasteTarget
 from xtalker.pipeline import (
     PreparedRun,
     RunResult,
+    finish_settings,
+    finisher,
     load_head,
     load_speech,
     prepare_run,
@@ -47,7 +49,8 @@ log = logging.getLogger(__name__)
 
 STAGES = ("prepare", "render", "merge")
 # Settings that do not change the video; anything else differing between stages means another run.
-NOT_RENDERING = {"output", "result_dir", "report", "profile", "threads", "workers", "cache_dir", "seed", "blend", "enhancer"}
+# (blend and enhancer shape what heavy enhancers leave in the shards, so they count.)
+NOT_RENDERING = {"output", "result_dir", "report", "profile", "threads", "workers", "cache_dir", "seed"}
 ANGLES = ("yaw", "pitch", "roll")
 
 
@@ -89,6 +92,7 @@ def save_run(job: Job, run: PreparedRun, config: InferenceConfig, landmarks: str
     arrays.update({name: a for name in ANGLES if (a := getattr(run.sequence, name)) is not None})
     if run.paste is not None:
         arrays["paste_background"] = run.paste.background
+    arrays["face_points"] = run.face_points
     write_atomic(_inputs_path(job), lambda tmp: np.savez(tmp, **arrays))
     write_json_atomic(job.meta, {
         **job_header(),
@@ -120,7 +124,8 @@ def load_run(job: Job, config: InferenceConfig) -> tuple[PreparedRun, dict]:
     paste = None
     if meta["paste_box"] is not None:
         paste = PasteTarget(arrays["paste_background"], tuple(meta["paste_box"]))
-    run = PreparedRun(meta["num_frames"], meta["seed"], arrays["wav"], sequence, source, tuple(meta["crop_size_wh"]), paste)
+    run = PreparedRun(meta["num_frames"], meta["seed"], arrays["wav"], sequence, source, tuple(meta["crop_size_wh"]), paste,
+                      arrays["face_points"])
     return run, meta
 
 
@@ -169,14 +174,20 @@ def stage_render(config: InferenceConfig, job: Job, shard: int, shards: int) -> 
     start, stop = shard_ranges(run.num_frames, shards, config.batch_size)[shard]
     prof = Profiler()
     head = load_head(config, None, prof)
-    size = run.source.image_size
+    finish = finisher(run, finish_settings(config), "worker")
 
     def write(tmp: Path) -> None:
-        frames = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(stop - start, size, size, 3))
-        at = 0
+        frames = None  # the frame shape is known once the first batch has been through the workers' stages
+        at = start
         for batch in render_frames(head, run, start, stop, config.batch_size, prof):
-            frames[at : at + len(batch)] = batch
+            batch = finish(batch, at, prof)
+            if frames is None:
+                frames = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(stop - start, *batch.shape[1:]))
+            frames[at - start : at - start + len(batch)] = batch
             at += len(batch)
+        if frames is None:  # more shards than batches: an empty shard
+            np.save(tmp, np.empty((0, 0, 0, 3), np.uint8))
+            return
         frames.flush()
         del frames
 
@@ -203,8 +214,8 @@ def stage_merge(config: InferenceConfig, job: Job, shards: int, output: Path, pr
     if sum(counts) != run.num_frames:
         raise JobError(f"job {job.path}: the shards hold {sum(counts)} frames, the run has {run.num_frames}; "
                        f"were they rendered with another --shards count than {shards}?")
-    size_wh = write_video(run, _shard_batches(job, shards, config.batch_size), output, prof, config.blend,
-                          config.enhancer)
+    size_wh = write_video(run, _shard_batches(job, shards, config.batch_size), output, prof,
+                          finisher(run, finish_settings(config), "merge"))
     prof.frames = run.num_frames
     write_json_atomic(job.meta, {**meta, "done": True, "output": str(output)})
     return RunResult(output=output, frames=run.num_frames, size_wh=size_wh, seed=run.seed, landmarks=meta["landmarks"],

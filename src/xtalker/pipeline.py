@@ -27,11 +27,12 @@ from xtalker.audio2coeff import (
 )
 from xtalker.checkpoints import CheckpointPaths, find_checkpoints, load_network
 from xtalker.config import FPS, InferenceConfig
-from xtalker.enhance import make_enhancer
-from xtalker.frames import resize_to_original, to_uint8
+from xtalker.enhance import check_weights
+from xtalker.finish import Finisher, FinishSettings
+from xtalker.frames import to_uint8
 from xtalker.landmarks import LandmarkBackend, get_backend
 from xtalker.media import VideoWriter, load_audio
-from xtalker.paste import Paster, PasteTarget, paste_target
+from xtalker.paste import PasteTarget, paste_target
 from xtalker.profiling import Profiler
 from xtalker.quantize import (
     ArtifactInfo,
@@ -48,6 +49,7 @@ from xtalker.render_inputs import (
     source_semantics,
 )
 from xtalker.renderer import PreparedSource, Renderer
+from xtalker.restore import five_points
 from xtalker.source import PreparedFace, prepare_source, video_coefficients
 
 log = logging.getLogger(__name__)
@@ -227,6 +229,7 @@ class PreparedRun:
     source: PreparedSource
     crop_size_wh: tuple[int, int]  # the face crop's size in the picture: rendered frames are restored to it
     paste: PasteTarget | None  # full modes: where the face goes back into the original picture
+    face_points: np.ndarray  # (5, 2) eye centres, nose, mouth corners of the source face in the rendered frame
 
 
 def load_head(config: InferenceConfig, head: TalkingHead | None, prof: Profiler) -> TalkingHead:
@@ -273,7 +276,7 @@ def prepare_run(config: InferenceConfig, head: TalkingHead, wav: np.ndarray, see
     with prof.stage("render"):
         source = head.renderer.prepare(source_image(face.crop.image), source_semantics(face.coeff_3dmm, config.preprocess))
     paste = paste_target(face.original, face.info, face.geometry, config.extended_crop) if config.pastes_back else None
-    return PreparedRun(num_frames, seed, wav, sequence, source, face.info.size, paste)
+    return PreparedRun(num_frames, seed, wav, sequence, source, face.info.size, paste, five_points(face.landmarks_crop))
 
 
 def render_frames(
@@ -294,31 +297,31 @@ def render_frames(
         yield frames
 
 
+def finish_settings(config: InferenceConfig) -> FinishSettings:
+    return FinishSettings(config.blend, config.enhancer, config.enhance_align, config.checkpoint_dir, config.precision)
+
+
+def finisher(run: PreparedRun, settings: FinishSettings, part: str = "all") -> Finisher:
+    """The post-render chain of `run` (see xtalker.finish): all of it, the workers' share or the merge's."""
+    return Finisher(settings, run.source.image_size, run.crop_size_wh, run.paste, run.face_points, run.seed, part)
+
+
 def write_video(
-    run: PreparedRun, batches: Iterable[np.ndarray], output: Path, prof: Profiler, blend: str = "seamless",
-    enhancer: str | None = None,
+    run: PreparedRun, batches: Iterable[np.ndarray], output: Path, prof: Profiler, finish: Finisher,
 ) -> tuple[int, int]:
-    """Rendered uint8 batches, in order -> aspect restore -> enhancer -> paste-back -> one H.264 + AAC encode;
-    returns the video's (w, h)."""
+    """Uint8 batches, in order -> the rest of the post-render chain -> one H.264 + AAC encode; returns (w, h)."""
     size_wh = (0, 0)
-    paste = None if run.paste is None else Paster(run.paste, blend)
-    enhance = make_enhancer(enhancer)
+    first = 0
     with VideoWriter(output, fps=FPS, audio=run.wav) as writer, tqdm(
         total=run.num_frames, unit="frame", desc="rendering", disable=None, leave=False
     ) as progress:
         for frames in batches:
-            with prof.stage("render"):
-                frames = resize_to_original(frames, run.crop_size_wh)
-            for frame in frames:
-                if enhance is not None:
-                    with prof.stage("enhance"):
-                        frame = enhance(frame)
-                if paste is not None:
-                    with prof.stage("paste"):
-                        frame = paste(frame)
-                with prof.stage("encode"):
+            frames = finish(frames, first, prof)
+            with prof.stage("encode"):
+                for frame in frames:
                     writer.write(frame)
-                size_wh = (frame.shape[1], frame.shape[0])
+            size_wh = (frames.shape[2], frames.shape[1])
+            first += len(frames)
             progress.update(len(frames))
         with prof.stage("encode"):
             writer.close()
@@ -337,11 +340,13 @@ def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunRes
     if config.threads:
         torch.set_num_threads(config.threads)
     output = config.output or default_output(config)
+    check_weights(config.enhancer, config.enhance_align, config.checkpoint_dir)
     wav = load_speech(config, prof)
     head = load_head(config, head, prof)
     run = prepare_run(config, head, wav, seed, prof)
+    finish = finisher(run, finish_settings(config))
     frames = render_frames(head, run, 0, run.num_frames, config.batch_size, prof)
-    size_wh = write_video(run, frames, output, prof, config.blend, config.enhancer)
+    size_wh = write_video(run, frames, output, prof, finish)
     return RunResult(
         output=output, frames=run.num_frames, size_wh=size_wh, seed=seed, landmarks=head.landmarks.name, profile=prof,
         int8=head.int8,

@@ -37,6 +37,7 @@ class PreparedFace:
     original: np.ndarray  # RGB uint8, the picture as read (full modes paste into it)
     crop: SourceCrop  # `crop.image` is the square renderer input
     coeff_3dmm: np.ndarray  # (1, 73) exp | angle | trans | alignment triple
+    landmarks_crop: np.ndarray  # (68, 2) landmarks of the square crop (the renderer's source image)
 
     @property
     def info(self) -> CropInfo:
@@ -81,7 +82,7 @@ def prepare_source(
     lm_crop = _landmarks(backend, crop.image, f"the cropped face of {path}")
     coeffs = source_coefficients(recon, [crop.image], [lm_crop])
     log.debug("source %s: %dx%d, crop info %s", path, original.shape[1], original.shape[0], crop.info)
-    return PreparedFace(original=original, crop=crop, coeff_3dmm=coeffs.coeff_3dmm)
+    return PreparedFace(original=original, crop=crop, coeff_3dmm=coeffs.coeff_3dmm, landmarks_crop=lm_crop)
 
 
 def _chunks(frames: Iterable[np.ndarray], n: int) -> Iterator[list[np.ndarray]]:

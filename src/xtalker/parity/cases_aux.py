@@ -12,6 +12,8 @@ import functools
 from collections.abc import Callable
 from pathlib import Path
 
+import cv2
+import numpy as np
 import torch
 
 from xtalker.models.gfpgan import (
@@ -24,7 +26,18 @@ from xtalker.models.gfpgan import (
     postprocess_to_bgr_u8,
     preprocess_bgr_u8,
 )
-from xtalker.parity.core import Case, Check, Context, levels, max_abs, mean_abs
+from xtalker.parity.core import Case, Check, Context, exact, levels, max_abs, mean_abs
+from xtalker.restore import (
+    FFHQ_TEMPLATE_512,
+    align_affine,
+    inverse_affine,
+    parse_mask,
+    paste_face,
+    to_u8,
+    upscale_background,
+    warp_face,
+    warp_mask,
+)
 from xtalker.synthetic import default_cache_dir
 from xtalker.synthetic_aux import ensure_aux
 
@@ -72,6 +85,58 @@ def run_gfpgan(case: Case, ctx: Context) -> list[Check]:
     return [c for key, compare in outputs.items() if key in keys for c in compare(key)]
 
 
+
+
+def run_restore_align_lmeds(case: Case, ctx: Context) -> list[Check]:
+    template = case.array("const.face_template_512")
+    sets = case.array("input.lm5_sets")
+    affines = np.stack([align_affine(lm5, template) for lm5 in sets])
+    inverses = np.stack([cv2.invertAffineTransform(a) * 2 for a in affines])
+    checks = [max_abs("affine_lmeds", affines, case.array("out.affine_lmeds"), 1e-6)]
+    if case.has("out.inverse_affine_x2"):
+        checks.append(max_abs("inverse_affine_x2", inverses, case.array("out.inverse_affine_x2"), 1e-6))
+    return checks
+
+
+def _soft_mask_key(case: Case, face: int) -> str | None:
+    return next((k for k in case.keys() if k.startswith(f"out.inv_soft_mask_face{face}_")), None)  # noqa: SIM118 - Case is not a mapping
+
+
+def run_face_align_paste(case: Case, ctx: Context) -> list[Check]:
+    image = case.array("input.image_bgr_u8")
+    template = case.array("const.face_template_512") if case.has("const.face_template_512") else FFHQ_TEMPLATE_512
+    upscale = float(case.meta.get("upscale", 2))
+    h, w = image.shape[:2]
+    size_wh = (round(w * upscale), round(h * upscale))
+    background = upscale_background(image, size_wh)
+    canvas = background.astype(np.float64)
+    checks = []
+    if case.has("out.background_lanczos_u8"):
+        checks.append(exact("background_lanczos_u8", background, case.array("out.background_lanczos_u8")))
+    for i in range(int(case.meta.get("num_faces", 1))):
+        affine = align_affine(case.array(f"input.lm5_face{i}"), template)
+        inverse = inverse_affine(affine, upscale)
+        mask = parse_mask(case.array(f"input.parse_classes_face{i}_u8"))
+        soft = warp_mask(mask, inverse, size_wh)
+        canvas = paste_face(canvas, case.array(f"input.restored_face{i}_bgr_u8"), inverse, soft)
+        values = {f"out.affine_face{i}": (affine, 1e-9), f"out.inverse_affine_face{i}": (inverse, 1e-9),
+                  f"out.mask512_face{i}_f32": (mask, 1e-6)}
+        checks += [max_abs(k, v, case.array(k).astype(np.float64), tol) for k, (v, tol) in values.items() if case.has(k)]
+        crop_key = f"out.cropped_face{i}_bgr_u8"
+        if case.has(crop_key):
+            checks.append(exact(crop_key, warp_face(image, affine), case.array(crop_key)))
+        soft_key = _soft_mask_key(case, i)
+        if soft_key is not None:
+            stored = case.array(soft_key)
+            # A float16 copy carries its own rounding (half an ulp of float16 near 1 is 2.4e-4).
+            tol = 1e-6 if stored.dtype == np.float32 else 5e-4
+            checks.append(max_abs(soft_key, soft, stored.astype(np.float64), tol))
+    checks.append(exact("final_bgr_u8", to_u8(canvas), case.array("out.final_bgr_u8")))
+    return checks
+
+
 RUNNERS: dict[str, Callable[[Case, Context], list[Check]]] = {
     "gfpgan_v14": run_gfpgan,
+    "restore_align_lmeds": run_restore_align_lmeds,
+    "face_align_paste": run_face_align_paste,
 }
