@@ -16,8 +16,13 @@ import cv2
 import numpy as np
 import torch
 
-from xtalker.models.gfpgan import (
-    FILE_NAME as GFPGAN_FILE,
+from xtalker.enhance import (
+    DETECT_NMS,
+    DETECT_THRESHOLD,
+    GFPGAN_FILE,
+    MIN_EYE_DISTANCE,
+    PARSENET_FILE,
+    RETINAFACE_FILE,
 )
 from xtalker.models.gfpgan import (
     NOISE_SIZES,
@@ -135,8 +140,80 @@ def run_face_align_paste(case: Case, ctx: Context) -> list[Check]:
     return checks
 
 
+class _Recorded:
+    """Wraps a per-batch function and keeps what it returned (the intermediates upstream exposes)."""
+
+    def __init__(self, fn: Callable[[np.ndarray], np.ndarray]):
+        self.fn, self.outputs = fn, []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = self.fn(x)
+        self.outputs.append(y)
+        return y
+
+
+def run_gfpganer_enhance(case: Case, ctx: Context) -> list[Check]:
+    from xtalker.enhance import DetectedFaces, enhance_detected
+    from xtalker.face_detect import FaceDetector, postprocess, restore_helper_faces
+    from xtalker.models.gfpgan import draw_noise
+    from xtalker.models.parsenet import load_parsenet, parse_classes
+    from xtalker.restore import FACE_SIZE
+
+    frame = np.ascontiguousarray(case.array("input.frame_rgb_u8")[..., ::-1])
+    h, w = frame.shape[:2]
+    checks = []
+    if case.has("input.det_loc"):  # the detector network's output is fed (random weights never reach 0.97)
+        dets = postprocess(case.array("input.det_loc"), case.array("input.det_conf"), case.array("input.det_landms"),
+                           (h, w), DETECT_THRESHOLD, DETECT_NMS)
+    else:
+        detector = FaceDetector.from_file(aux_file(ctx, RETINAFACE_FILE))
+        head = detector.head_outputs([frame])[0]
+        if case.has("out.det_conf"):
+            checks.append(max_abs("det_conf", head.conf, case.array("out.det_conf").reshape(head.conf.shape), 1e-5))
+        dets = postprocess(*head, (h, w), DETECT_THRESHOLD, DETECT_NMS)
+    faces = DetectedFaces(*restore_helper_faces(dets, MIN_EYE_DISTANCE))
+    net = _gfpgan(str(aux_file(ctx, GFPGAN_FILE)))
+    parsenet = load_parsenet(aux_file(ctx, PARSENET_FILE))
+
+    def restore(crops: np.ndarray) -> np.ndarray:
+        # Upstream restores face after face, each drawing its noise from the global generator.
+        with torch.inference_mode():
+            return np.concatenate([
+                postprocess_to_bgr_u8(net(preprocess_bgr_u8(crop[None]), draw_noise(1))).numpy() for crop in crops
+            ])
+
+    if "torch_noise_seed" in case.meta:
+        torch.manual_seed(int(case.meta["torch_noise_seed"]))
+    restorer = _Recorded(restore)
+    parser = _Recorded(lambda faces_bgr: parse_classes(parsenet, faces_bgr))
+    final = enhance_detected(frame, faces, restorer, parser)
+    stored_faces = case.array("out.landmarks5") if case.has("out.landmarks5") else None
+    if stored_faces is not None:
+        checks.append(max_abs("landmarks5", faces.landmarks5, stored_faces, 1e-3))
+    if case.has("out.det_faces"):
+        checks.append(max_abs("det_faces", faces.det_faces, case.array("out.det_faces"), 1e-3))
+    # A case without stored faces is one where no face passes (the no-face cases).
+    expected_faces = int(case.meta.get("num_faces", 0 if stored_faces is None else len(stored_faces)))
+    checks.append(exact("face count", np.array(len(faces.landmarks5)), np.array(expected_faces)))
+    restored = restorer.outputs[0] if restorer.outputs else np.zeros((0, FACE_SIZE, FACE_SIZE, 3), np.uint8)
+    classes = parser.outputs[0] if parser.outputs else np.zeros((0, FACE_SIZE, FACE_SIZE), np.uint8)
+    for i, lm5 in enumerate(faces.landmarks5):
+        affine = align_affine(lm5)
+        values = {f"out.affine_face{i}": (affine, 1e-6), f"out.inverse_affine_face{i}": (inverse_affine(affine), 1e-6)}
+        checks += [max_abs(k, v, case.array(k), tol) for k, (v, tol) in values.items() if case.has(k)]
+        images = {f"out.cropped_face{i}_bgr_u8": lambda k, a=affine: exact(k, warp_face(frame, a), case.array(k)),
+                  f"out.restored_face{i}_bgr_u8": lambda k, i=i: levels(k, restored[i], case.array(k), 1, 1e-4),
+                  f"out.parse_classes_face{i}_u8": lambda k, i=i: levels(k, classes[i], case.array(k), 255, 5e-3)}
+        checks += [compare(k) for k, compare in images.items() if case.has(k)]
+    expected_final = (case.array("out.final_bgr_u8") if case.has("out.final_bgr_u8")
+                      else cv2.resize(frame, (2 * w, 2 * h), interpolation=cv2.INTER_LANCZOS4))
+    checks.append(levels("final_bgr_u8", final, expected_final, 1, 5e-3))
+    return checks
+
+
 RUNNERS: dict[str, Callable[[Case, Context], list[Check]]] = {
     "gfpgan_v14": run_gfpgan,
     "restore_align_lmeds": run_restore_align_lmeds,
     "face_align_paste": run_face_align_paste,
+    "gfpganer_enhance": run_gfpganer_enhance,
 }
