@@ -30,6 +30,7 @@ RUNNER_MODULES = (
     "xtalker.parity.cases_renderer",
     "xtalker.parity.cases_generator",
     "xtalker.parity.cases_aux",
+    "xtalker.parity.cases_retinaface",
 )
 
 
