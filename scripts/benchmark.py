@@ -3,6 +3,7 @@
     python scripts/benchmark.py speed [--frames 8] [--configs baseline fp32 bf16 ...] [--checkpoint_dir C]
     python scripts/benchmark.py memory [--checkpoint_dir C] [--real 0.4 2] [--stream 10 600]
     python scripts/benchmark.py blend [--repeats 50]
+    python scripts/benchmark.py enhance [--frames 4]
     python scripts/benchmark.py parallel [--frames 24] [--precision bf16] [--checkpoint_dir C]
 
 speed: the same driving inputs (from the bundled example) through each renderer configuration, each in a
@@ -426,6 +427,94 @@ def blend(args: argparse.Namespace) -> None:
     sys.stdout.write(table)
 
 
+# ---------------------------------------------------------------------------------------------- enhance
+
+def _stand_in_frames(count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` 256 px face crops of the bundled portrait (slightly shifted each, like rendered frames) and the
+    source face's 5 points in them."""
+    from xtalker.crop import crop_source
+    from xtalker.landmarks import get_backend
+    from xtalker.media import first_frame
+    from xtalker.restore import five_points
+
+    picture = first_frame(PORTRAIT)
+    backend = get_backend("mediapipe", None)
+    crop = crop_source(picture, backend.detect(picture)[0].landmarks, mode="crop", pic_size=256)
+    points = five_points(backend.detect(crop.image)[0].landmarks)
+    frames = np.stack([np.roll(crop.image, i, axis=1) for i in range(count)])
+    return frames, points
+
+
+def _time_batches(fn, frames: np.ndarray, batch: int) -> tuple[float, np.ndarray]:
+    """Seconds per frame over all frames in batches (after one warm-up batch) and the last outputs."""
+    fn(frames[:batch], 0)
+    start = time.perf_counter()
+    outs = [fn(frames[i : i + batch], i) for i in range(0, len(frames), batch)]
+    return (time.perf_counter() - start) / len(frames), np.concatenate(outs)
+
+
+def enhance(args: argparse.Namespace) -> None:
+    """Per-frame cost of each enhancer mode on 256 px frames (output 512), synthetic weights; `detect` rows time
+    upstream's whole procedure with the face found (random detector weights score below its 0.97 threshold, so
+    the detector's time is measured on the frame and the rest runs on the source face's points)."""
+    from xtalker.enhance import (
+        DetectedFaces,
+        DetectingEnhancer,
+        Restorer,
+        Sharpener,
+        SourceAlignedEnhancer,
+        enhance_detected,
+    )
+    from xtalker.synthetic_aux import default_aux_dir, ensure_all_aux
+
+    folder = ensure_all_aux(args.aux_dir or default_aux_dir())
+    frames, points = _stand_in_frames(args.frames)
+    rows, outputs = [], {}
+
+    def add(mode: str, precision: str, fn, batch: int) -> None:
+        seconds, out = _time_batches(fn, frames, batch)
+        outputs[(mode, precision)] = out
+        rows.append({"mode": mode, "precision": precision, "batch": batch, "ms_per_frame": 1000 * seconds,
+                     "out_wh": [int(out.shape[2]), int(out.shape[1])]})
+
+    add("lightweight", "-", Sharpener(), 2)
+    for precision in ("fp32", "bf16"):
+        restorer = Restorer(folder / "GFPGANv1.4.pth", precision, seed=0)
+        add("gfpgan source", precision, SourceAlignedEnhancer(restorer, points, (256, 256)), 2)
+        upstream = DetectingEnhancer(restorer, folder / "detection_Resnet50_Final.pth", folder / "parsing_parsenet.pth",
+                                     precision)
+        faces = DetectedFaces(points[None], np.zeros((1, 5), np.float32))
+
+        def detect_then_enhance(batch: np.ndarray, first: int, upstream=upstream, faces=faces) -> np.ndarray:
+            bgr = np.ascontiguousarray(batch[..., ::-1])
+            upstream.faces(list(bgr))  # the detector's work on every frame
+            out = [enhance_detected(f, faces, lambda c, k=first + i: upstream.restorer(c, [(k, 0)]), upstream.parse)
+                   for i, f in enumerate(bgr)]
+            return np.stack(out)[..., ::-1]
+
+        add("gfpgan detect (upstream)", precision, detect_then_enhance, 1)
+    baseline = next(r for r in rows if r["mode"].startswith("gfpgan detect") and r["precision"] == "fp32")
+    for r in rows:
+        r["speedup_vs_upstream_fp32"] = baseline["ms_per_frame"] / r["ms_per_frame"]
+        if r["precision"] == "bf16":
+            mode = r["mode"]
+            r["psnr_vs_fp32_db"] = _psnr(outputs[(mode, "bf16")] / 255.0, outputs[(mode, "fp32")] / 255.0)
+    machine = {"cpu": cpu_name(), "threads": int(__import__("torch").get_num_threads()), "frames": args.frames}
+    lines = [(f"Face enhancer per 256 px frame (output 512 except lightweight), {machine['cpu']}, "
+              f"{machine['threads']} threads, {args.frames} frames, synthetic weights."), "",
+             "| mode | precision | batch | ms/frame | vs upstream procedure fp32 | PSNR vs fp32 |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        psnr = f"{r['psnr_vs_fp32_db']:.1f} dB" if "psnr_vs_fp32_db" in r else "-"
+        lines.append(f"| {r['mode']} | {r['precision']} | {r['batch']} | {r['ms_per_frame']:.1f} | "
+                     f"{r['speedup_vs_upstream_fp32']:.2f}x | {psnr} |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "enhance.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    table = "\n".join(lines) + "\n"
+    (RESULTS / "enhance.md").write_text(table)
+    sys.stdout.write(table)
+
+
 # ---------------------------------------------------------------------------------------------- parallel
 
 def _parallel_one(checkpoint_dir: Path, audio: Path, folder: Path, slots: int, threads: int, precision: str) -> dict:
@@ -491,6 +580,9 @@ def main() -> None:
     spd.add_argument("--configs", nargs="+", default=list(SPEED_CONFIGS), choices=list(SPEED_CONFIGS))
     bl = sub.add_parser("blend", help="paste-back cost and difference per blend")
     bl.add_argument("--repeats", type=int, default=50)
+    enh = sub.add_parser("enhance", help="per-frame cost of each face-enhancer mode")
+    enh.add_argument("--frames", type=int, default=4)
+    enh.add_argument("--aux_dir", type=Path, default=None, help="folder with the aux weights (default: synthetic cache)")
     par = sub.add_parser("parallel", help="whole runs over a slots x threads grid")
     par.add_argument("--checkpoint_dir", type=Path, default=None, help="default: synthetic checkpoints in the cache")
     par.add_argument("--frames", type=int, default=24, help="clip length in frames")
@@ -516,6 +608,8 @@ def main() -> None:
         parallel(args)
     elif args.suite == "blend":
         blend(args)
+    elif args.suite == "enhance":
+        enhance(args)
     elif args.suite == "_speed":
         sys.stdout.write(json.dumps(_speed_one(args)) + "\n")
     else:

@@ -39,10 +39,21 @@ def synthetic_checkpoints() -> Path:
 @pytest.fixture(scope="session")
 def aux_checkpoints() -> Path:
     """A folder with the four synthetic aux files (GFPGAN, RetinaFace, AWing FAN, ParseNet), verified by digest."""
-    from xtalker.synthetic import default_cache_dir
-    from xtalker.synthetic_aux import ensure_all_aux
+    from xtalker.synthetic_aux import default_aux_dir, ensure_all_aux
 
-    return ensure_all_aux(default_cache_dir())
+    return ensure_all_aux(default_aux_dir())
+
+
+@pytest.fixture(scope="session")
+def enhancer_checkpoints(synthetic_checkpoints, aux_checkpoints, tmp_path_factory) -> Path:
+    """The synthetic SadTalker files plus the enhancer's (GFPGAN, detector, ParseNet) in one checkpoint folder,
+    without the landmark net, so `--landmarks auto` still picks a backend that finds faces under synthetic weights."""
+    folder = tmp_path_factory.mktemp("enhancer_checkpoints")
+    for source in (synthetic_checkpoints, aux_checkpoints):
+        for path in source.iterdir():
+            if path.is_file() and not path.name.startswith(".") and path.name != "alignment_WFLW_4HG.pth":
+                (folder / path.name).symlink_to(path)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -86,11 +86,11 @@ def test_lightweight_enhancer_sharpens_the_frames(tmp_path, speech, synthetic_ch
     assert detail[1] > 1.2 * detail[0] and "enhance" in sharp.profile.as_dict()["stages_s"]
 
 
-def test_gfpgan_enhancer_doubles_the_video_and_restores_the_face(tmp_path, speech, synthetic_checkpoints, aux_checkpoints,
-                                                                 head_crop):
+def test_gfpgan_enhancer_doubles_the_video_and_restores_the_face(tmp_path, speech, synthetic_checkpoints,
+                                                                 enhancer_checkpoints, head_crop):
     audio = clip(tmp_path, speech, frames=2)
     plain, _ = run(tmp_path, synthetic_checkpoints, audio, head_crop, name="plain.mp4")
-    enhanced, info = run(tmp_path, synthetic_checkpoints, audio, head_crop, name="gfpgan.mp4", enhancer="gfpgan")
+    enhanced, info = run(tmp_path, enhancer_checkpoints, audio, head_crop, name="gfpgan.mp4", enhancer="gfpgan")
     w, h = plain.size_wh
     assert enhanced.size_wh == (2 * w, 2 * h) and info.frame_count == 2
     assert enhanced.profile.seconds["enhance"] > 0
@@ -103,10 +103,9 @@ def test_gfpgan_enhancer_doubles_the_video_and_restores_the_face(tmp_path, speec
     assert face > 3 * corner, (face, corner)
 
 
-def test_gfpgan_in_full_mode_pastes_the_enhanced_face_into_the_upscaled_picture(tmp_path, speech, synthetic_checkpoints,
-                                                                               aux_checkpoints):
+def test_gfpgan_in_full_mode_pastes_the_enhanced_face_into_the_upscaled_picture(tmp_path, speech, enhancer_checkpoints):
     audio = clip(tmp_path, speech, frames=1)
-    result, info = run(tmp_path, synthetic_checkpoints, audio, preprocess="full", still=True, blend="feather",
+    result, info = run(tmp_path, enhancer_checkpoints, audio, preprocess="full", still=True, blend="feather",
                        enhancer="gfpgan", precision="bf16")
     assert (info.width, info.height) == (1024, 1024)
     original = cv2.cvtColor(cv2.imread(str(PORTRAIT)), cv2.COLOR_BGR2RGB)

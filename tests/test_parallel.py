@@ -173,9 +173,9 @@ def test_stages_refuse_a_job_of_other_settings(single, synthetic_checkpoints, sp
     assert code == 1 and "shard(s) 0 of 1 are not rendered" in err and not (tmp_path / "x.mp4").exists()
 
 
-def test_gfpgan_runs_in_the_workers_and_the_merge_pastes(synthetic_checkpoints, aux_checkpoints, tmp_path):
+def test_gfpgan_runs_in_the_workers_and_the_merge_pastes(enhancer_checkpoints, tmp_path):
     out = tmp_path / "enhanced.mp4"
-    args = [*flags(synthetic_checkpoints, write_clip(tmp_path, 2), out), "--enhancer", "gfpgan", "--precision", "bf16"]
+    args = [*flags(enhancer_checkpoints, write_clip(tmp_path, 2), out), "--enhancer", "gfpgan", "--precision", "bf16"]
     whole = render_job(args, tmp_path / "one", 1, threads=1)
     split = render_job(args, tmp_path / "two", 2, threads=1)
     # the shards hold the enhanced crops (twice the aspect-restored render); noise is seeded per frame

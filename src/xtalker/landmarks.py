@@ -60,8 +60,9 @@ class LandmarkBackend(Protocol):
 
     name: str
 
-    def detect(self, image: np.ndarray) -> list[Face]:
-        """All faces found, best (highest score) first; empty when there is none."""
+    def detect(self, image: np.ndarray, picture: bool = False) -> list[Face]:
+        """All faces found, best (highest score) first; empty when there is none. `picture`: this is the first
+        pass over a whole source picture (upstream's backend treats that pass differently)."""
         ...
 
     def detect_batch(self, frames: Sequence[np.ndarray]) -> list[list[Face]]:
@@ -169,5 +170,13 @@ register_backend(
         module="xtalker.landmarks_mediapipe",
         priority=0,
         description="MediaPipe face detector + 468-point mesh mapped to 68 points (models from pip packages)",
+    )
+)
+register_backend(
+    BackendSpec(
+        name="upstream",
+        module="xtalker.landmarks_upstream",
+        priority=10,
+        description="upstream SadTalker's RetinaFace R50 + AWing FAN (detection_Resnet50_Final.pth, alignment_WFLW_4HG.pth)",
     )
 )

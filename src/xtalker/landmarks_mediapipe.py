@@ -350,7 +350,7 @@ class MediaPipeBackend:
         self.min_presence = min_presence
         self.refine_steps = refine_steps
 
-    def detect(self, image: np.ndarray) -> list[Face]:
+    def detect(self, image: np.ndarray, picture: bool = False) -> list[Face]:
         image = check_image(image)
         for stage, detections in self._detection_stages(image):
             faces = [

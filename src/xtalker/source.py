@@ -65,8 +65,8 @@ def read_picture(path: Path) -> np.ndarray:
         raise SourceError(f"cannot read {path} as an image or video ({e}); use a PNG or JPEG portrait") from None
 
 
-def _landmarks(backend: LandmarkBackend, image: np.ndarray, what: str) -> np.ndarray:
-    faces = backend.detect(image)
+def _landmarks(backend: LandmarkBackend, image: np.ndarray, what: str, picture: bool = False) -> np.ndarray:
+    faces = backend.detect(image, picture=picture)
     if not faces:
         raise NoFaceError(f"no face found in {what}; use a picture with one clearly visible, roughly frontal face")
     return faces[0].landmarks
@@ -77,7 +77,7 @@ def prepare_source(
 ) -> PreparedFace:
     """Detect, crop (or resize), detect again on the square crop, align and reconstruct (spec A2-A6)."""
     original = read_picture(path)
-    lm_full = None if preprocess == "resize" else _landmarks(backend, original, f"the source image {path}")
+    lm_full = None if preprocess == "resize" else _landmarks(backend, original, f"the source image {path}", picture=True)
     crop = crop_source(original, lm_full, mode=preprocess, pic_size=size)
     lm_crop = _landmarks(backend, crop.image, f"the cropped face of {path}")
     coeffs = source_coefficients(recon, [crop.image], [lm_crop])
@@ -106,7 +106,7 @@ def video_coefficients(
         raise SourceError(f"cannot read reference video {path}: {e}") from None
     if first is None:
         raise SourceError(f"reference video {path} has no frames")
-    lm_first = None if preprocess == "resize" else _landmarks(backend, first, f"the first frame of {path}")
+    lm_first = None if preprocess == "resize" else _landmarks(backend, first, f"the first frame of {path}", picture=True)
     geometry = crop_source(first, lm_first, mode=preprocess, pic_size=size).geometry
     extended = preprocess.startswith("ext")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from xtalker.synthetic import content_digest, seed_for
+from xtalker.synthetic import content_digest, default_cache_dir, seed_for
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,13 @@ GAINS: dict[str, tuple[tuple[str, float], ...]] = {
     PARSENET_FILE: (("body.", 0.5), ("decoder.", 0.7)),
 }
 DTYPES = {"F32": torch.float32, "I64": torch.int64}
+
+
+def default_aux_dir() -> Path:
+    """Where synthetic aux files are cached: beside, not among, the synthetic SadTalker files, because a
+    detector and FAN in a checkpoint folder make `--landmarks auto` pick the upstream backend, and synthetic
+    detector scores never reach its 0.97 threshold."""
+    return default_cache_dir() / "aux"
 
 
 @functools.cache

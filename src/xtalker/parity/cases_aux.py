@@ -1,9 +1,8 @@
-"""Parity runners for the auxiliary networks: GFPGAN v1.4 ("gfpgan_v14").
+"""Parity runners for the auxiliary networks: GFPGAN v1.4, the face-restore alignment and paste, GFPGANer.enhance.
 
 The aux weight files are not among the four SadTalker files the Context knows, so a runner takes
 its file (e.g. `GFPGANv1.4.pth`) from the checkpoint folder when it is there and otherwise writes the verified synthetic
-file (rule sadtalker-synth-v1-aux): into the checkpoint folder when that is a synthetic cache, else into
-the default synthetic cache folder.
+file (rule sadtalker-synth-v1-aux) into the synthetic aux cache (`xtalker.synthetic_aux.default_aux_dir`).
 """
 
 from __future__ import annotations
@@ -43,8 +42,7 @@ from xtalker.restore import (
     warp_face,
     warp_mask,
 )
-from xtalker.synthetic import default_cache_dir
-from xtalker.synthetic_aux import ensure_aux
+from xtalker.synthetic_aux import default_aux_dir, ensure_aux
 
 
 def aux_file(ctx: Context, file_name: str) -> Path:
@@ -52,7 +50,7 @@ def aux_file(ctx: Context, file_name: str) -> Path:
     present = ctx.checkpoint_dir / file_name
     if present.is_file():
         return present
-    return ensure_aux(ctx.checkpoint_dir if ctx.synthesize_missing else default_cache_dir(), file_name)
+    return ensure_aux(default_aux_dir(), file_name)
 
 
 @functools.lru_cache(maxsize=1)

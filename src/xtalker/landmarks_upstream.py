@@ -1,0 +1,84 @@
+"""Upstream SadTalker's landmarks: RetinaFace R50 finds the face, AWing FAN puts 98 WFLW points on it, mapped to 68.
+
+Needs `detection_Resnet50_Final.pth` and `alignment_WFLW_4HG.pth` in the checkpoint folder (or upstream's
+`gfpgan/weights`); with them, crops, 5-point alignment and 3DMM coefficients follow upstream exactly.
+Upstream runs the detector twice with different channel orders: on the whole source picture it passes its
+RGB array where BGR is expected (`picture=True` reproduces that, since the crop box depends on it), on the
+square crop and on reference-video frames it converts correctly. Both networks stay in fp32: bf16 moves
+detector scores across the 0.97 threshold and FAN argmaxes (aux spec 6.5), and together they cost well
+under a second per picture.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from xtalker.landmarks import Face, check_image
+
+log = logging.getLogger(__name__)
+
+DETECTOR_FILE = "detection_Resnet50_Final.pth"
+FAN_FILE = "alignment_WFLW_4HG.pth"
+CONF_THRESHOLD = 0.97  # SadTalker's detect_faces calls
+NMS_THRESHOLD = 0.4
+
+
+def _search(checkpoint_dir: Path | None) -> list[Path]:
+    from xtalker.enhance import search_folders
+
+    return search_folders(checkpoint_dir) if checkpoint_dir is not None else []
+
+
+def _find(name: str, checkpoint_dir: Path | None) -> Path | None:
+    return next((f / name for f in _search(checkpoint_dir) if (f / name).is_file()), None)
+
+
+def unavailable_reason(checkpoint_dir: Path | None = None) -> str | None:
+    missing = [n for n in (DETECTOR_FILE, FAN_FILE) if _find(n, checkpoint_dir) is None]
+    if not missing:
+        return None
+    where = ", ".join(str(f) for f in _search(checkpoint_dir)) or "no checkpoint folder given"
+    return (f"{' and '.join(missing)} not found ({where}); scripts/download_models.sh fetches them")
+
+
+class UpstreamBackend:
+    """RetinaFace + AWing FAN, batched over same-size frames."""
+
+    name = "upstream"
+
+    def __init__(self, detector_path: Path, fan_path: Path):
+        from xtalker.face_detect import FaceDetector
+        from xtalker.landmarks_fan import FanLandmarks
+
+        self.detector = FaceDetector.from_file(detector_path)
+        self.fan = FanLandmarks.from_file(fan_path)
+
+    def _faces(self, images_rgb: Sequence[np.ndarray], detections: Sequence[np.ndarray]) -> list[list[Face]]:
+        pairs = [(i, det) for i, dets in enumerate(detections) for det in dets]
+        points = self.fan.landmarks68([images_rgb[i] for i, _ in pairs], np.array([d[:4] for _, d in pairs]))
+        faces: list[list[Face]] = [[] for _ in images_rgb]
+        for (i, det), lm in zip(pairs, points):
+            box = tuple(float(v) for v in det[:4])
+            faces[i].append(Face(box=box, score=float(det[4]), landmarks=lm.astype(np.float64)))
+        return faces
+
+    def detect(self, image: np.ndarray, picture: bool = False) -> list[Face]:
+        """Faces best first. `picture`: the first pass on the whole source picture (RGB fed as BGR, as upstream)."""
+        image = check_image(image)
+        fed = image if picture else image[..., ::-1]
+        return self._faces([image], self.detector.detect([fed], CONF_THRESHOLD, NMS_THRESHOLD))[0]
+
+    def detect_batch(self, frames: Sequence[np.ndarray]) -> list[list[Face]]:
+        frames = [check_image(f) for f in frames]
+        return self._faces(frames, self.detector.detect([f[..., ::-1] for f in frames], CONF_THRESHOLD, NMS_THRESHOLD))
+
+
+def create(checkpoint_dir: Path | None = None) -> UpstreamBackend:
+    detector, fan = _find(DETECTOR_FILE, checkpoint_dir), _find(FAN_FILE, checkpoint_dir)
+    if detector is None or fan is None:
+        raise FileNotFoundError(unavailable_reason(checkpoint_dir))
+    return UpstreamBackend(detector, fan)
