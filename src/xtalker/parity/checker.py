@@ -31,6 +31,7 @@ RUNNER_MODULES = (
     "xtalker.parity.cases_generator",
     "xtalker.parity.cases_aux",
     "xtalker.parity.cases_retinaface",
+    "xtalker.parity.cases_parsenet",
 )
 
 
