@@ -42,3 +42,10 @@ def test_written_file_has_official_container_and_digest(aux_checkpoints, name):
 def test_existing_file_is_kept(tmp_path):
     (tmp_path / "parsing_parsenet.pth").write_bytes(b"user file")
     assert ensure_aux(tmp_path, "parsing_parsenet.pth").read_bytes() == b"user file"
+
+
+def test_write_all_aux_reports_each_digest(tmp_path):
+    from xtalker.synthetic_aux import write_all_aux
+
+    assert write_all_aux(tmp_path) == dict.fromkeys(aux_layout(), True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(aux_layout())

@@ -290,7 +290,7 @@ def make_enhancer(
 ) -> Enhancer | None:
     """The enhancer `name` (see ENHANCERS), or None. `lm5`/`frame_wh`: the source face's 5 points in the frames
     the enhancer will receive (the `source` alignment). `precision` fp32 keeps the networks in fp32; anything
-    else runs GFPGAN (and ParseNet) under bf16 autocast."""
+    else runs GFPGAN (autocast) and ParseNet (bf16 weights) in bf16."""
     key = check_enhancer(name)
     if key is None:
         return None

@@ -155,6 +155,11 @@ def ensure_aux(folder: str | Path, file_name: str) -> Path:
     return target
 
 
+def write_all_aux(folder: str | Path) -> dict[str, bool]:
+    """Write all four aux files into `folder`; file name -> whether its content digest matches the rule's."""
+    return {name: write_aux(Path(folder) / name, name) == entry["digest"] for name, entry in aux_layout().items()}
+
+
 def ensure_all_aux(folder: str | Path) -> Path:
     """`folder` holding all four aux files (synthetic ones written where missing)."""
     for name in aux_layout():
