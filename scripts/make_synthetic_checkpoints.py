@@ -7,8 +7,8 @@ mapping_00109-model.pth.tar (about 1.5 GB, 15 s). With --verify each file is rea
 compared with the one recorded for the official layout; the exit status is non-zero on any mismatch.
 With --aux it also writes the face enhancer's and upstream landmark backend's files (GFPGANv1.4.pth,
 detection_Resnet50_Final.pth, alignment_WFLW_4HG.pth, parsing_parsenet.pth; rule sadtalker-synth-v1-aux, 640 MB,
-digests always checked). Synthetic detector weights score faces below upstream's 0.97 threshold, so a folder
-holding the detector and FAN files makes `--landmarks auto` pick a backend that finds no face: keep them apart.
+digests always checked). A folder holding the detector and FAN files makes `--landmarks auto` pick the upstream
+backend, whose synthetic weights put random boxes and points on a picture: keep them apart unless that is wanted.
 """
 
 from __future__ import annotations

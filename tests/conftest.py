@@ -47,7 +47,7 @@ def aux_checkpoints() -> Path:
 @pytest.fixture(scope="session")
 def enhancer_checkpoints(synthetic_checkpoints, aux_checkpoints, tmp_path_factory) -> Path:
     """The synthetic SadTalker files plus the enhancer's (GFPGAN, detector, ParseNet) in one checkpoint folder,
-    without the landmark net, so `--landmarks auto` still picks a backend that finds faces under synthetic weights."""
+    without the landmark net, so `--landmarks auto` keeps the offline backend (synthetic upstream landmarks are random)."""
     folder = tmp_path_factory.mktemp("enhancer_checkpoints")
     for source in (synthetic_checkpoints, aux_checkpoints):
         for path in source.iterdir():

@@ -25,6 +25,7 @@ DETECTOR_FILE = "detection_Resnet50_Final.pth"
 FAN_FILE = "alignment_WFLW_4HG.pth"
 CONF_THRESHOLD = 0.97  # SadTalker's detect_faces calls
 NMS_THRESHOLD = 0.4
+MAX_FACES = 4  # FAN runs on the best detections only (upstream uses just the first); a crowd costs no more
 
 
 def _search(checkpoint_dir: Path | None) -> list[Path]:
@@ -45,6 +46,22 @@ def unavailable_reason(checkpoint_dir: Path | None = None) -> str | None:
     return (f"{' and '.join(missing)} not found ({where}); scripts/download_models.sh fetches them")
 
 
+def _slice_length(start: int, stop: int, size: int) -> int:
+    return len(range(*slice(start, stop).indices(size)))
+
+
+def fan_box(det: np.ndarray, height: int, width: int) -> np.ndarray | None:
+    """The box FAN crops for a detection: upstream's own (its `int()` slice, quirks included) whenever that
+    slice holds pixels; where it is empty (a box starting at <= -1 past the far edge), upstream crashes, and
+    here the box is clipped to the image instead. None when nothing of the box is inside the image."""
+    x1, y1, x2, y2 = (int(v) for v in det[:4])
+    if _slice_length(x1, x2, width) and _slice_length(y1, y2, height):
+        return np.asarray(det[:4], dtype=np.float64)
+    clipped = np.clip(np.asarray(det[:4], dtype=np.float64), 0, [width, height, width, height])
+    cx1, cy1, cx2, cy2 = (int(v) for v in clipped)
+    return clipped if cx2 > cx1 and cy2 > cy1 else None
+
+
 class UpstreamBackend:
     """RetinaFace + AWing FAN, batched over same-size frames."""
 
@@ -58,10 +75,13 @@ class UpstreamBackend:
         self.fan = FanLandmarks.from_file(fan_path)
 
     def _faces(self, images_rgb: Sequence[np.ndarray], detections: Sequence[np.ndarray]) -> list[list[Face]]:
-        pairs = [(i, det) for i, dets in enumerate(detections) for det in dets]
-        points = self.fan.landmarks68([images_rgb[i] for i, _ in pairs], np.array([d[:4] for _, d in pairs]))
+        pairs = [(i, det, box) for i, dets in enumerate(detections) for det in dets[:MAX_FACES]
+                 if (box := fan_box(det, *images_rgb[i].shape[:2])) is not None]
         faces: list[list[Face]] = [[] for _ in images_rgb]
-        for (i, det), lm in zip(pairs, points):
+        if not pairs:
+            return faces
+        points = self.fan.landmarks68([images_rgb[i] for i, _, _ in pairs], np.array([b for _, _, b in pairs]))
+        for (i, det, _), lm in zip(pairs, points):
             box = tuple(float(v) for v in det[:4])
             faces[i].append(Face(box=box, score=float(det[4]), landmarks=lm.astype(np.float64)))
         return faces

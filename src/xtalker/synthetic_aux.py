@@ -43,8 +43,8 @@ DTYPES = {"F32": torch.float32, "I64": torch.int64}
 
 def default_aux_dir() -> Path:
     """Where synthetic aux files are cached: beside, not among, the synthetic SadTalker files, because a
-    detector and FAN in a checkpoint folder make `--landmarks auto` pick the upstream backend, and synthetic
-    detector scores never reach its 0.97 threshold."""
+    detector and FAN in a checkpoint folder make `--landmarks auto` pick the upstream backend, whose synthetic
+    weights put random boxes and points on a picture (or find nothing)."""
     return default_cache_dir() / "aux"
 
 

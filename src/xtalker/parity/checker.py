@@ -32,6 +32,7 @@ RUNNER_MODULES = (
     "xtalker.parity.cases_aux",
     "xtalker.parity.cases_retinaface",
     "xtalker.parity.cases_parsenet",
+    "xtalker.parity.cases_awing",
 )
 
 
