@@ -4,6 +4,7 @@
     python scripts/benchmark.py memory [--checkpoint_dir C] [--real 0.4 2] [--stream 10 600]
     python scripts/benchmark.py blend [--repeats 50]
     python scripts/benchmark.py enhance [--frames 4]
+    python scripts/benchmark.py landmarks [--repeats 3]
     python scripts/benchmark.py parallel [--frames 24] [--precision bf16] [--checkpoint_dir C]
 
 speed: the same driving inputs (from the bundled example) through each renderer configuration, each in a
@@ -515,6 +516,68 @@ def enhance(args: argparse.Namespace) -> None:
     sys.stdout.write(table)
 
 
+# ---------------------------------------------------------------------------------------------- landmarks
+
+def _ms_per_call(fn, repeats: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return 1000 * (time.perf_counter() - start) / repeats
+
+
+def landmarks(args: argparse.Namespace) -> None:
+    """ms per image of the upstream backend's detector (fp32, bf16) and FAN (fp32; bf16 for reference only: it
+    moves argmaxes, so the backend never uses it), and of whole backends, on the bundled portrait and its crop."""
+    import cv2
+    import torch
+
+    from xtalker.face_detect import FaceDetector
+    from xtalker.landmarks import get_backend
+    from xtalker.landmarks_fan import FanLandmarks, fan_input
+    from xtalker.media import first_frame
+    from xtalker.synthetic_aux import default_aux_dir, ensure_all_aux
+
+    folder = ensure_all_aux(args.aux_dir or default_aux_dir())
+    picture = first_frame(PORTRAIT)
+    images = {f"{picture.shape[1]}x{picture.shape[0]}": picture,
+              "256x256": cv2.resize(picture, (256, 256), interpolation=cv2.INTER_AREA)}
+    fan = FanLandmarks.from_file(folder / "alignment_WFLW_4HG.pth")
+    x = fan_input([cv2.resize(picture, (256, 256))[..., ::-1]])
+    rows = []
+    for precision in ("fp32", "bf16"):
+        detector = FaceDetector.from_file(folder / "detection_Resnet50_Final.pth", precision)
+        for size, image in images.items():
+            bgr = np.ascontiguousarray(image[..., ::-1])
+            rows.append({"what": "RetinaFace R50 detect", "image": size, "precision": precision,
+                         "ms": _ms_per_call(lambda d=detector, b=bgr: d.detect([b]), args.repeats)})
+
+        def fan_only(precision=precision) -> None:
+            with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+                fan.net(x)
+
+        rows.append({"what": "AWing FAN (network)", "image": "256x256 crop", "precision": precision,
+                     "ms": _ms_per_call(fan_only, args.repeats)})
+    upstream = get_backend("upstream", folder)
+    offline = get_backend("mediapipe", None)
+    for size, image in images.items():
+        faces = len(upstream.detect(image))  # random detector weights find several boxes; FAN runs on each
+        rows.append({"what": f"upstream backend (detect + FAN on {faces} face{'s' * (faces != 1)})", "image": size,
+                     "precision": "fp32", "ms": _ms_per_call(lambda i=image: upstream.detect(i), args.repeats)})
+        rows.append({"what": "offline backend (mediapipe)", "image": size, "precision": "fp32 (tflite)",
+                     "ms": _ms_per_call(lambda i=image: offline.detect(i), args.repeats)})
+    machine = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "repeats": args.repeats}
+    lines = [(f"Landmark backends per image, {machine['cpu']}, {machine['threads']} threads, mean of "
+              f"{args.repeats} calls after a warm-up, synthetic weights."), "",
+             "| what | image | precision | ms/image |", "| --- | --- | --- | ---: |"]
+    lines += [f"| {r['what']} | {r['image']} | {r['precision']} | {r['ms']:.1f} |" for r in rows]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "landmarks.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+    table = "\n".join(lines) + "\n"
+    (RESULTS / "landmarks.md").write_text(table)
+    sys.stdout.write(table)
+
+
 # ---------------------------------------------------------------------------------------------- parallel
 
 def _parallel_one(checkpoint_dir: Path, audio: Path, folder: Path, slots: int, threads: int, precision: str) -> dict:
@@ -583,6 +646,9 @@ def main() -> None:
     enh = sub.add_parser("enhance", help="per-frame cost of each face-enhancer mode")
     enh.add_argument("--frames", type=int, default=4)
     enh.add_argument("--aux_dir", type=Path, default=None, help="folder with the aux weights (default: synthetic cache)")
+    lmk = sub.add_parser("landmarks", help="ms per image of the landmark backends and their networks")
+    lmk.add_argument("--repeats", type=int, default=3)
+    lmk.add_argument("--aux_dir", type=Path, default=None, help="folder with the aux weights (default: synthetic cache)")
     par = sub.add_parser("parallel", help="whole runs over a slots x threads grid")
     par.add_argument("--checkpoint_dir", type=Path, default=None, help="default: synthetic checkpoints in the cache")
     par.add_argument("--frames", type=int, default=24, help="clip length in frames")
@@ -610,6 +676,8 @@ def main() -> None:
         blend(args)
     elif args.suite == "enhance":
         enhance(args)
+    elif args.suite == "landmarks":
+        landmarks(args)
     elif args.suite == "_speed":
         sys.stdout.write(json.dumps(_speed_one(args)) + "\n")
     else:
