@@ -114,6 +114,15 @@ def test_gfpgan_in_full_mode_pastes_the_enhanced_face_into_the_upscaled_picture(
     assert np.abs(frame[:80, :80] - upscaled[:80, :80]).mean() < 4
 
 
+def test_gfpgan_with_upstreams_per_frame_detection(tmp_path, speech, enhancer_checkpoints):
+    audio = clip(tmp_path, speech, frames=1)
+    result, info = run(tmp_path, enhancer_checkpoints, audio, enhancer="gfpgan", enhance_align="detect",
+                       precision="bf16")
+    w, h = result.size_wh
+    assert (info.width, info.frame_count) == (512, 1) and h > 256
+    assert result.profile.seconds["enhance"] > 0
+
+
 def test_missing_enhancer_weights_fail_before_any_work(tmp_path, speech, synthetic_checkpoints):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
