@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xtalker.models import auxfile
+from xtalker.models.resnet import ResNet50
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +25,6 @@ FILE_NAME = "detection_Resnet50_Final.pth"
 STRIP_PREFIX = "module."
 FPN_CHANNELS = 256
 ANCHORS = 2  # priors per feature-map location (two min sizes per level)
-STAGE_BLOCKS = (3, 4, 6, 3)
-STAGE_WIDTHS = (64, 128, 256, 512)
-EXPANSION = 4
 LEVEL_INPUTS = (512, 1024, 2048)  # backbone stages 2-4 feed the three FPN levels
 
 
@@ -36,55 +34,6 @@ def _conv_bn(in_ch: int, out_ch: int, kernel: int, relu: bool) -> nn.Sequential:
     if relu:
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
-
-
-class Bottleneck(nn.Module):
-    """torchvision's ResNet v1.5 bottleneck: the stride sits on the 3x3 conv."""
-
-    def __init__(self, in_ch: int, width: int, stride: int):
-        super().__init__()
-        out_ch = width * EXPANSION
-        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_ch)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or in_ch != out_ch:
-            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False), nn.BatchNorm2d(out_ch))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.relu(self.bn1(self.conv1(x)))
-        y = self.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(y + shortcut)
-
-
-class ResNet50Body(nn.Module):
-    """ResNet-50 without avgpool/fc; returns the stride 8, 16 and 32 stage outputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        in_ch = 64
-        for i, (blocks, width) in enumerate(zip(STAGE_BLOCKS, STAGE_WIDTHS)):
-            stride = 1 if i == 0 else 2
-            stage = [Bottleneck(in_ch, width, stride)]
-            in_ch = width * EXPANSION
-            stage += [Bottleneck(in_ch, width, 1) for _ in range(blocks - 1)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c2 = self.layer2(self.layer1(x))
-        c3 = self.layer3(c2)
-        return c2, c3, self.layer4(c3)
 
 
 class FPN(nn.Module):
@@ -142,7 +91,7 @@ class RetinaFaceR50(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.body = ResNet50Body()
+        self.body = ResNet50()
         self.fpn = FPN()
         self.ssh1 = SSH()
         self.ssh2 = SSH()
@@ -163,7 +112,7 @@ class RetinaFaceR50(nn.Module):
 
     def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw head outputs: loc, class logits (before softmax), landms."""
-        levels = self.fpn(self.body(x))
+        levels = self.fpn(tuple(self.body.stages(x)[1:]))
         feats = [self.ssh1(levels[0]), self.ssh2(levels[1]), self.ssh3(levels[2])]
         loc = torch.cat([h(f) for h, f in zip(self.BboxHead, feats)], dim=1)
         logits = torch.cat([h(f) for h, f in zip(self.ClassHead, feats)], dim=1)

@@ -74,7 +74,7 @@ def run_net(case: Case, ctx: Context) -> list[Check]:
 
     def layer4(key: str) -> list[Check]:
         with torch.inference_mode():
-            feat = detector.net.body(to_network_input(images))[2]
+            feat = detector.net.body(to_network_input(images))
         return [max_abs("body_layer4", feat, case.array(key), 1e-4)]
 
     def dets_checks(key: str) -> list[Check]:
