@@ -49,6 +49,14 @@ SPEECH = REPO / "examples" / "driven_audio" / "hello.wav"
 RESULTS = REPO / "benchmarks" / "results"
 
 
+def _write_results(name: str, data: dict, table: str) -> None:
+    """benchmarks/results/NAME.json and NAME.md; the table also goes to stdout."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(table)
+    sys.stdout.write(table)
+
+
 def _speech_of_length(seconds: float, folder: Path) -> Path:
     """The bundled speech clip repeated to `seconds`, as a 16 kHz wav."""
     import wave
@@ -137,11 +145,7 @@ def memory(args: argparse.Namespace) -> None:
     rows = [_run_child("real", s, args) for s in args.real] + [_run_child("stream", s, args) for s in args.stream]
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
                "batch_size": args.batch_size}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-    table = _markdown(rows, machine)
-    (RESULTS / "memory.md").write_text(table)
-    sys.stdout.write(table)
+    _write_results("memory", {"machine": machine, "rows": rows}, _markdown(rows, machine))
 
 
 # ---------------------------------------------------------------------------------------------- speed
@@ -421,11 +425,7 @@ def blend(args: argparse.Namespace) -> None:
              f"{target.size_wh[0]}x{target.size_wh[1]}), {machine['cpu']}, {args.repeats} repeats.", "",
              "| blend | ms/frame | mean abs difference vs seamless (levels, in the box) |", "| --- | ---: | ---: |"]
     lines += [f"| {r['blend']} | {r['ms_per_frame']:.2f} | {r['mean_abs_vs_seamless']:.2f} |" for r in rows]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "blend.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-    table = "\n".join(lines) + "\n"
-    (RESULTS / "blend.md").write_text(table)
-    sys.stdout.write(table)
+    _write_results("blend", {"machine": machine, "rows": rows}, "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- enhance
@@ -509,11 +509,7 @@ def enhance(args: argparse.Namespace) -> None:
         psnr = f"{r['psnr_vs_fp32_db']:.1f} dB" if "psnr_vs_fp32_db" in r else "-"
         lines.append(f"| {r['mode']} | {r['precision']} | {r['batch']} | {r['ms_per_frame']:.1f} | "
                      f"{r['speedup_vs_upstream_fp32']:.2f}x | {psnr} |")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "enhance.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-    table = "\n".join(lines) + "\n"
-    (RESULTS / "enhance.md").write_text(table)
-    sys.stdout.write(table)
+    _write_results("enhance", {"machine": machine, "rows": rows}, "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- landmarks
@@ -571,11 +567,7 @@ def landmarks(args: argparse.Namespace) -> None:
               f"{args.repeats} calls after a warm-up, synthetic weights."), "",
              "| what | image | precision | ms/image |", "| --- | --- | --- | ---: |"]
     lines += [f"| {r['what']} | {r['image']} | {r['precision']} | {r['ms']:.1f} |" for r in rows]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "landmarks.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-    table = "\n".join(lines) + "\n"
-    (RESULTS / "landmarks.md").write_text(table)
-    sys.stdout.write(table)
+    _write_results("landmarks", {"machine": machine, "rows": rows}, "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- parallel
@@ -622,11 +614,7 @@ def parallel(args: argparse.Namespace) -> None:
              "", "| slots | threads per slot | wall (s) | s/frame | speedup |", "| ---: | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['slots']} | {r['threads_per_slot']} | {r['wall_s']:.1f} | {r['s_per_frame']:.2f} | {r['speedup']:.2f}x |"
               for r in rows]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "parallel.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-    table = "\n".join(lines) + "\n"
-    (RESULTS / "parallel.md").write_text(table)
-    sys.stdout.write(table)
+    _write_results("parallel", {"machine": machine, "rows": rows}, "\n".join(lines) + "\n")
 
 
 def main() -> None:
