@@ -138,7 +138,8 @@ def noise_seed(seed: int, frame: int, face: int) -> int:
 
 
 class Restorer:
-    """GFPGAN v1.4 on aligned 512 BGR crops, batched; bf16 autocast unless fp32 (57.7 dB vs fp32, aux spec 6.5)."""
+    """GFPGAN v1.4 on aligned 512 BGR crops through its fast plan (BN-free rewrites of the same sums; fp32 within the
+    golden tolerance, bf16 about 60 dB PSNR against fp32 on the image, aux spec 6.5 reports 57.7 for autocast)."""
 
     def __init__(self, path: Path, precision: str = "fp32", seed: int = 0):
         from xtalker.models.gfpgan import load_gfpgan
@@ -150,6 +151,7 @@ class Restorer:
         """(n, 512, 512, 3) BGR uint8 crops, one (frame, face) key each -> restored crops, same layout."""
         from xtalker.models.gfpgan import (
             draw_noise,
+            fast_plan,
             postprocess_to_bgr_u8,
             preprocess_bgr_u8,
         )
@@ -158,9 +160,9 @@ class Restorer:
             return np.asarray(crops)
         per_face = [draw_noise(1, torch.Generator().manual_seed(noise_seed(self.seed, *k))) for k in keys]
         noise = [torch.cat(maps) for maps in zip(*per_face)]
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=self.precision != "fp32"):
-            image = self.net(preprocess_bgr_u8(np.ascontiguousarray(crops)), noise)
-        return postprocess_to_bgr_u8(image.float()).numpy()
+        plan = fast_plan(self.net, "fp32" if self.precision == "fp32" else "bf16")
+        image = plan.restore(preprocess_bgr_u8(np.ascontiguousarray(crops)), noise)
+        return postprocess_to_bgr_u8(image).numpy()
 
 
 def template_mask(size: int = FACE_SIZE) -> np.ndarray:
