@@ -26,6 +26,8 @@ from xtalker.enhance import (
 from xtalker.models.gfpgan import (
     NOISE_SIZES,
     GFPGANv1Clean,
+    draw_noise,
+    fast_plan,
     load_gfpgan,
     postprocess_to_bgr_u8,
     preprocess_bgr_u8,
@@ -66,17 +68,22 @@ def run_gfpgan(case: Case, ctx: Context) -> list[Check]:
     keys = set(case.keys())
     encoded = net.encode(x)
     if "input.noise0" in keys:
-        image = net.decode(encoded, [case.tensor(f"input.noise{i}") for i in range(len(NOISE_SIZES))])
+        noise = [case.tensor(f"input.noise{i}") for i in range(len(NOISE_SIZES))]
     else:
         # Upstream draws the noise from the global generator right after the case's manual_seed.
         torch.manual_seed(int(case.meta["torch_noise_seed"]))
-        image = net.decode(encoded)
+        noise = draw_noise(x.shape[0])
+    image = net.decode(encoded, noise)
+    # The enhancer runs the fast plan: it must meet the same bar.
+    fast = fast_plan(net, "fp32").restore(x, noise)
     restored = postprocess_to_bgr_u8(image)
     scale0, shift0 = encoded.conditions[0]
     outputs: dict[str, Callable[[str], list[Check]]] = {
         "out.image": lambda k: [
             max_abs("image", image, case.tensor(k), 1e-5),
             mean_abs("image (mean)", image, case.tensor(k), 1e-6),
+            max_abs("image (fast plan)", fast, case.tensor(k), 1e-5),
+            mean_abs("image (fast plan, mean)", fast, case.tensor(k), 1e-6),
         ],
         "out.style_code": lambda k: [max_abs("style_code", encoded.style_code, case.tensor(k), 1e-5)],
         "out.condition_scale0": lambda k: [max_abs("condition_scale0", scale0, case.tensor(k), 1e-5)],
@@ -153,7 +160,6 @@ class _Recorded:
 def run_gfpganer_enhance(case: Case, ctx: Context) -> list[Check]:
     from xtalker.enhance import DetectedFaces, enhance_detected
     from xtalker.face_detect import FaceDetector, postprocess, restore_helper_faces
-    from xtalker.models.gfpgan import draw_noise
     from xtalker.models.parsenet import load_parsenet, parse_classes
     from xtalker.restore import FACE_SIZE
 
