@@ -528,10 +528,11 @@ def landmarks(args: argparse.Namespace) -> None:
     import cv2
     import torch
 
-    from xtalker.face_detect import FaceDetector
+    from xtalker.face_detect import FaceDetector, to_network_input
     from xtalker.landmarks import get_backend
     from xtalker.landmarks_fan import FanLandmarks, fan_input
     from xtalker.media import first_frame
+    from xtalker.models.retinaface import load_retinaface
     from xtalker.synthetic_aux import default_aux_dir, ensure_all_aux
 
     folder = ensure_all_aux(args.aux_dir or default_aux_dir())
@@ -541,6 +542,16 @@ def landmarks(args: argparse.Namespace) -> None:
     fan = FanLandmarks.from_file(folder / "alignment_WFLW_4HG.pth")
     x = fan_input([cv2.resize(picture, (256, 256))[..., ::-1]])
     rows = []
+    eager = load_retinaface(folder / "detection_Resnet50_Final.pth")  # upstream's layout: BNs, NCHW, no fusion
+    for size, image in images.items():
+        x_det = to_network_input(image[None, ..., ::-1])
+
+        def baseline(x_det=x_det) -> None:
+            with torch.inference_mode():
+                eager(x_det)
+
+        rows.append({"what": "RetinaFace R50 network, upstream layout (baseline)", "image": size, "precision": "fp32",
+                     "ms": _ms_per_call(baseline, args.repeats)})
     for precision in ("fp32", "bf16"):
         detector = FaceDetector.from_file(folder / "detection_Resnet50_Final.pth", precision)
         for size, image in images.items():
