@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     ours = p.add_argument_group("XTalker flags")
     ours.add_argument("--output", type=Path, default=None, help="write the video here (default: <result_dir>/<timestamp>.mp4)")
     ours.add_argument("--seed", type=int, default=None, help="seed for blinks and head motion: same seed, same video")
-    ours.add_argument("--landmarks", default="auto", help="face landmark backend (auto picks the best available)")
+    ours.add_argument("--landmarks", default="auto", help="face landmark backend: upstream (RetinaFace + AWing FAN, needs their files), mediapipe (offline); "
+                           "auto (default) picks upstream when its files are present")
     ours.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
     ours.add_argument("--precision", choices=PRECISIONS, default=None, help="renderer precision (default fp32)")
     ours.add_argument("--blend", choices=BLENDS, default=None,
