@@ -190,7 +190,7 @@ def test_mapping_table_is_complete():
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(LandmarkBackendError, match="unknown landmark backend 'dlib'; choose one of auto, mediapipe"):
+    with pytest.raises(LandmarkBackendError, match="unknown landmark backend 'dlib'; choose one of auto, upstream, mediapipe"):
         get_backend("dlib")
 
 

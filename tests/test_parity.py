@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -39,13 +40,15 @@ def test_golden_folder_is_present_in_ci():
         pytest.skip(f"reference golden folder {golden_dir()} not present")
 
 
-def _copy_case(src: Path, dst: Path, tamper: str | None = None) -> None:
-    """Copy a case under another name, optionally adding 1.0 to one stored output."""
+def _copy_case(src: Path, dst: Path, tamper: str | None = None, case_id: str | None = None) -> None:
+    """Copy a case under another name, optionally adding 1.0 to one stored output or giving it another case id."""
     with safe_open(str(src), "pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if tamper:
         tensors[tamper] = tensors[tamper] + 1.0
+    if case_id:
+        meta = {**meta, "json": json.dumps({**json.loads(meta["json"]), "case": case_id})}
     save_file(tensors, str(dst), metadata=meta)
 
 
@@ -60,13 +63,15 @@ def test_cli_dispatches_on_metadata_not_file_names(tmp_path, golden, synthetic_c
     _copy_case(golden / "mapping73_a.safetensors", tmp_path / "a_first.safetensors")
     _copy_case(golden / "keypoint_transformation_a.safetensors", tmp_path / "generator512_z.safetensors")
     _copy_case(golden / "restore_align_lmeds_a.safetensors", tmp_path / "mapping_lookalike.safetensors")
+    _copy_case(golden / "mapping70_a.safetensors", tmp_path / "mapping70_b.safetensors", case_id="future_kind_a")
     proc = _run_cli(tmp_path, synthetic_checkpoints)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert lines[0].startswith("a_first: PASS")
     assert lines[1].startswith("generator512_z: PASS")
-    assert lines[2].startswith("mapping_lookalike: SKIP (kind not implemented yet")
-    assert lines[-1] == "2 passed, 0 failed, 1 skipped"
+    assert lines[2].startswith("mapping70_b: SKIP (kind not implemented yet: future_kind_a)")
+    assert lines[3].startswith("mapping_lookalike: PASS worst affine_lmeds")
+    assert lines[-1] == "3 passed, 0 failed, 1 skipped"
 
 
 def test_cli_fails_on_a_wrong_output(tmp_path, golden, synthetic_checkpoints):
