@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xtalker.models import auxfile
+from xtalker.models.plans import cached_plan
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ NOISE_SIZES = [4] + [r for r in LEVELS for _ in range(2)]
 
 UNUSED_PREFIXES = ("stylegan_decoder.style_mlp.", "toRGB.", "stylegan_decoder.noises.")
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 STYLE_GAIN = math.sqrt(2.0)  # StyleConv's output gain
 # "Bilinear x2, then 3x3 conv" runs as one transposed conv when its output is at least this large: measured
 # faster there (no upsampled copy, 15-25 % less time), slower for the small 512-channel maps.
@@ -231,7 +231,6 @@ class GFPGANv1Clean(nn.Module):
         self.stylegan_decoder = StyleGAN2Decoder()
         self.condition_scale = nn.ModuleList(_condition_branch(UNET_CHANNELS[r]) for r in LEVELS)
         self.condition_shift = nn.ModuleList(_condition_branch(UNET_CHANNELS[r]) for r in LEVELS)
-        self._plans: dict[str, FastGFPGAN] = {}  # see fast_plan
 
     @classmethod
     def from_official(cls, state: dict[str, torch.Tensor]) -> GFPGANv1Clean:
@@ -544,11 +543,7 @@ class FastGFPGAN:
 def fast_plan(net: GFPGANv1Clean, precision: str = "fp32") -> FastGFPGAN:
     """The network's inference plan for `precision` ("fp32" or "bf16"), built on first use and kept on the network
     (from the weights it has then)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision not in net._plans:
-        net._plans[precision] = FastGFPGAN(net, PRECISIONS[precision])
-    return net._plans[precision]
+    return cached_plan(net, precision, FastGFPGAN)
 
 
 def draw_noise(

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xtalker.models import auxfile
+from xtalker.models.plans import cached_plan
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ BN_EPS = 1e-5
 # Encoder widths 512 -> 32 (base 64, doubled per halving, clipped to [32, 256]); the decoder mirrors them.
 ENCODER_CHANNELS = (64, 128, 256, 256, 256)
 BODY_DEPTH = 10
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # float32(u8) / 255 (a float32 division, as numpy does upstream), then (x - 0.5) / 0.5, per byte value.
 _INPUT_LUT = torch.from_numpy((np.arange(256, dtype=np.float32) / np.float32(255.0) - np.float32(0.5)) / np.float32(0.5))
@@ -115,7 +115,6 @@ class ParseNet(nn.Module):
         self.decoder = nn.Sequential(*(ResidualBlock(a, b, "up") for a, b in itertools.pairwise(dec)))
         self.out_img_conv = ConvLayer(enc[0], 3)
         self.out_mask_conv = ConvLayer(enc[0], NUM_CLASSES)
-        self._plans: dict[str, FastParseNet] = {}  # see fast_plan
 
     @classmethod
     def from_official(cls, state: dict[str, torch.Tensor]) -> ParseNet:
@@ -292,11 +291,7 @@ class FastParseNet:
 def fast_plan(net: ParseNet, precision: str = "fp32") -> FastParseNet:
     """The network's inference plan for `precision` ("fp32" or "bf16"), built on first use and kept on the network
     (from the weights it has then)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision not in net._plans:
-        net._plans[precision] = FastParseNet(net, PRECISIONS[precision])
-    return net._plans[precision]
+    return cached_plan(net, precision, FastParseNet)
 
 
 def mask_logits(net: ParseNet, faces_bgr_u8: np.ndarray | torch.Tensor, precision: str = "fp32") -> torch.Tensor:
