@@ -86,7 +86,8 @@ def test_job_ids_sort_by_time_and_are_unique() -> None:
     assert all(re.fullmatch(r"\d{8}-\d{6}-[0-9a-f]{6}", i) for i in ids)
     assert [i[:15] for i in ids] == sorted(i[:15] for i in ids)
     stamp = calendar.timegm(time.strptime(ids[0][:15], "%Y%m%d-%H%M%S"))  # UTC
-    assert before - 1 <= stamp <= time.time()
+    # a window, not an order: the wall clock of a VM can be stepped back between two reads (seen in CI)
+    assert abs(stamp - before) < 60
 
 
 def test_job_layout(tmp_path: Path) -> None:
