@@ -27,6 +27,10 @@ import numpy as np
 import torch
 
 from xtalker.checkpoints import CheckpointError
+from xtalker.models import auxfile
+from xtalker.models.gfpgan import FILE_NAME as GFPGAN_FILE
+from xtalker.models.parsenet import FILE_NAME as PARSENET_FILE
+from xtalker.models.retinaface import FILE_NAME as RETINAFACE_FILE
 from xtalker.restore import (
     FACE_SIZE,
     FFHQ_TEMPLATE_512,
@@ -50,14 +54,6 @@ PLANNED = {"restoreformer": "RestoreFormer"}
 SHARPEN_SIGMA = 1.2  # px at the output size: the renderer's blur scale at 256 px
 SHARPEN_AMOUNT = 0.6  # 1 + amount times the frame minus amount times its blur
 UPSCALE = 2  # upstream's GFPGANer(upscale=2): the enhanced video is twice the rendered size
-DETECT_THRESHOLD = 0.97  # upstream's face-restore helper: confidence, NMS IoU and minimum eye distance
-DETECT_NMS = 0.4
-MIN_EYE_DISTANCE = 5.0
-GFPGAN_FILE = "GFPGANv1.4.pth"
-RETINAFACE_FILE = "detection_Resnet50_Final.pth"
-PARSENET_FILE = "parsing_parsenet.pth"
-# Where upstream SadTalker keeps these files (relative to its working folder), searched after --checkpoint_dir.
-UPSTREAM_WEIGHTS_DIR = Path("gfpgan") / "weights"
 
 
 class EnhancerWeightsMissing(CheckpointError):
@@ -84,17 +80,12 @@ def required_files(name: str | None, align: str = "source") -> tuple[str, ...]:
     return (GFPGAN_FILE,) if align == "source" else (GFPGAN_FILE, RETINAFACE_FILE, PARSENET_FILE)
 
 
-def search_folders(checkpoint_dir: Path) -> list[Path]:
-    return [Path(checkpoint_dir), UPSTREAM_WEIGHTS_DIR]
-
-
 def find_weights(file_name: str, checkpoint_dir: Path, purpose: str) -> Path:
     """The first `file_name` in the search folders; EnhancerWeightsMissing (one line: what, where, how) if none."""
-    folders = search_folders(checkpoint_dir)
-    for folder in folders:
-        if (folder / file_name).is_file():
-            return folder / file_name
-    looked = ", ".join(str(f) for f in folders)
+    found = auxfile.locate(file_name, checkpoint_dir)
+    if found is not None:
+        return found
+    looked = ", ".join(str(f) for f in auxfile.search_folders(checkpoint_dir))
     raise EnhancerWeightsMissing(
         f"{purpose} needs {file_name}, which is not in {looked}; run scripts/download_models.sh {checkpoint_dir} "
         f"(it fetches the enhancer weights too) or copy the file into {checkpoint_dir}"
@@ -262,8 +253,9 @@ class DetectingEnhancer:
         from xtalker.face_detect import restore_helper_faces
 
         found = []
-        for dets in self.detector.detect(list(frames_bgr), DETECT_THRESHOLD, DETECT_NMS):
-            landmarks5, det_faces = restore_helper_faces(dets, MIN_EYE_DISTANCE)
+        # detect_faces' and the restore helper's defaults are upstream's: score 0.97, NMS 0.4, eye distance 5 px.
+        for dets in self.detector.detect(list(frames_bgr)):
+            landmarks5, det_faces = restore_helper_faces(dets)
             found.append(DetectedFaces(landmarks5, det_faces))
         return found
 

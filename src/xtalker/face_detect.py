@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from xtalker.models import plans
 from xtalker.models.retinaface import RetinaFaceR50, fold_batchnorm, load_retinaface
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ DET_COLUMNS = 15
 CONF_THRESHOLD = 0.97
 NMS_THRESHOLD = 0.4
 EYE_DIST_THRESHOLD = 5.0
-PRECISIONS = ("fp32", "bf16")
 
 Images = Sequence[np.ndarray] | np.ndarray
 
@@ -226,11 +226,11 @@ class FaceDetector:
     """
 
     def __init__(self, net: RetinaFaceR50, precision: str = "fp32", batch_size: int = 8):
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown detector precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if precision not in plans.PRECISIONS:
+            raise ValueError(f"unknown detector precision {precision!r}; choose one of {', '.join(plans.PRECISIONS)}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.dtype = plans.PRECISIONS[precision]
         self.net = fold_batchnorm(net).to(dtype=self.dtype, memory_format=torch.channels_last)
         self.precision = precision
         self.batch_size = batch_size

@@ -17,32 +17,23 @@ from pathlib import Path
 
 import numpy as np
 
+from xtalker.face_detect import CONF_THRESHOLD, NMS_THRESHOLD, FaceDetector
 from xtalker.landmarks import Face, check_image
+from xtalker.landmarks_fan import FanLandmarks
+from xtalker.models.auxfile import locate, search_folders
+from xtalker.models.awing import FILE_NAME as FAN_FILE
+from xtalker.models.retinaface import FILE_NAME as DETECTOR_FILE
 
 log = logging.getLogger(__name__)
 
-DETECTOR_FILE = "detection_Resnet50_Final.pth"
-FAN_FILE = "alignment_WFLW_4HG.pth"
-CONF_THRESHOLD = 0.97  # SadTalker's detect_faces calls
-NMS_THRESHOLD = 0.4
 MAX_FACES = 4  # FAN runs on the best detections only (upstream uses just the first); a crowd costs no more
 
 
-def _search(checkpoint_dir: Path | None) -> list[Path]:
-    from xtalker.enhance import search_folders
-
-    return search_folders(checkpoint_dir) if checkpoint_dir is not None else []
-
-
-def _find(name: str, checkpoint_dir: Path | None) -> Path | None:
-    return next((f / name for f in _search(checkpoint_dir) if (f / name).is_file()), None)
-
-
 def unavailable_reason(checkpoint_dir: Path | None = None) -> str | None:
-    missing = [n for n in (DETECTOR_FILE, FAN_FILE) if _find(n, checkpoint_dir) is None]
+    missing = [n for n in (DETECTOR_FILE, FAN_FILE) if locate(n, checkpoint_dir) is None]
     if not missing:
         return None
-    where = ", ".join(str(f) for f in _search(checkpoint_dir)) or "no checkpoint folder given"
+    where = ", ".join(str(f) for f in search_folders(checkpoint_dir)) or "no checkpoint folder given"
     return (f"{' and '.join(missing)} not found ({where}); scripts/download_models.sh fetches them")
 
 
@@ -68,9 +59,6 @@ class UpstreamBackend:
     name = "upstream"
 
     def __init__(self, detector_path: Path, fan_path: Path):
-        from xtalker.face_detect import FaceDetector
-        from xtalker.landmarks_fan import FanLandmarks
-
         self.detector = FaceDetector.from_file(detector_path)
         self.fan = FanLandmarks.from_file(fan_path)
 
@@ -98,7 +86,7 @@ class UpstreamBackend:
 
 
 def create(checkpoint_dir: Path | None = None) -> UpstreamBackend:
-    detector, fan = _find(DETECTOR_FILE, checkpoint_dir), _find(FAN_FILE, checkpoint_dir)
+    detector, fan = locate(DETECTOR_FILE, checkpoint_dir), locate(FAN_FILE, checkpoint_dir)
     if detector is None or fan is None:
         raise FileNotFoundError(unavailable_reason(checkpoint_dir))
     return UpstreamBackend(detector, fan)

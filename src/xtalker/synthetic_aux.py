@@ -20,15 +20,15 @@ from pathlib import Path
 
 import torch
 
+from xtalker.models.awing import FILE_NAME as AWING_FILE
+from xtalker.models.gfpgan import FILE_NAME as GFPGAN_FILE
+from xtalker.models.parsenet import FILE_NAME as PARSENET_FILE
+from xtalker.models.retinaface import FILE_NAME as RETINAFACE_FILE
 from xtalker.synthetic import content_digest, default_cache_dir, seed_for
 
 log = logging.getLogger(__name__)
 
 RULE = "sadtalker-synth-v1-aux"
-GFPGAN_FILE = "GFPGANv1.4.pth"
-RETINAFACE_FILE = "detection_Resnet50_Final.pth"
-AWING_FILE = "alignment_WFLW_4HG.pth"
-PARSENET_FILE = "parsing_parsenet.pth"
 
 # Weight gains by key prefix, per file (first match wins): they keep each random network in a useful range
 # (unsaturated decoder, detector stem on mean-subtracted pixels, moderate heatmaps and parsing logits).

@@ -14,10 +14,22 @@ from pathlib import Path
 import torch
 
 OPTIONAL_SUFFIX = ".num_batches_tracked"
+# Where upstream SadTalker keeps these files (relative to its working folder), searched after the checkpoint folder.
+UPSTREAM_WEIGHTS_DIR = Path("gfpgan") / "weights"
 
 
 class AuxWeightsMissing(FileNotFoundError):
     """An auxiliary weight file is not where it was looked for."""
+
+
+def search_folders(checkpoint_dir: Path | None) -> list[Path]:
+    """The folders an aux file is looked for in, in order."""
+    return [] if checkpoint_dir is None else [Path(checkpoint_dir), UPSTREAM_WEIGHTS_DIR]
+
+
+def locate(file_name: str, checkpoint_dir: Path | None) -> Path | None:
+    """The first `file_name` in the search folders, or None."""
+    return next((f / file_name for f in search_folders(checkpoint_dir) if (f / file_name).is_file()), None)
 
 
 def _describe(items: list[str], n: int = 3) -> str:

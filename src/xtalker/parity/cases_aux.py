@@ -15,14 +15,7 @@ import cv2
 import numpy as np
 import torch
 
-from xtalker.enhance import (
-    DETECT_NMS,
-    DETECT_THRESHOLD,
-    GFPGAN_FILE,
-    MIN_EYE_DISTANCE,
-    PARSENET_FILE,
-    RETINAFACE_FILE,
-)
+from xtalker.enhance import GFPGAN_FILE, PARSENET_FILE, RETINAFACE_FILE
 from xtalker.models.gfpgan import (
     NOISE_SIZES,
     GFPGANv1Clean,
@@ -168,14 +161,14 @@ def run_gfpganer_enhance(case: Case, ctx: Context) -> list[Check]:
     checks = []
     if case.has("input.det_loc"):  # the detector network's output is fed (random weights never reach 0.97)
         dets = postprocess(case.array("input.det_loc"), case.array("input.det_conf"), case.array("input.det_landms"),
-                           (h, w), DETECT_THRESHOLD, DETECT_NMS)
+                           (h, w))
     else:
         detector = FaceDetector.from_file(aux_file(ctx, RETINAFACE_FILE))
         head = detector.head_outputs([frame])[0]
         if case.has("out.det_conf"):
             checks.append(max_abs("det_conf", head.conf, case.array("out.det_conf").reshape(head.conf.shape), 1e-5))
-        dets = postprocess(*head, (h, w), DETECT_THRESHOLD, DETECT_NMS)
-    faces = DetectedFaces(*restore_helper_faces(dets, MIN_EYE_DISTANCE))
+        dets = postprocess(*head, (h, w))
+    faces = DetectedFaces(*restore_helper_faces(dets))
     net = _gfpgan(str(aux_file(ctx, GFPGAN_FILE)))
     parsenet = load_parsenet(aux_file(ctx, PARSENET_FILE))
 
