@@ -665,22 +665,13 @@ def main() -> None:
     one.add_argument("--checkpoint_dir", type=Path, required=True)
     one.add_argument("--batch_size", type=int, default=2)
     args = parser.parse_args()
-    if args.suite == "memory":
-        memory(args)
-    elif args.suite == "speed":
-        speed(args)
-    elif args.suite == "parallel":
-        parallel(args)
-    elif args.suite == "blend":
-        blend(args)
-    elif args.suite == "enhance":
-        enhance(args)
-    elif args.suite == "landmarks":
-        landmarks(args)
-    elif args.suite == "_speed":
-        sys.stdout.write(json.dumps(_speed_one(args)) + "\n")
+    suites = {"memory": memory, "speed": speed, "parallel": parallel, "blend": blend, "enhance": enhance,
+              "landmarks": landmarks}
+    children = {"_speed": _speed_one, "_one": _measure_one}  # fresh-process measurements, JSON on stdout
+    if args.suite in suites:
+        suites[args.suite](args)
     else:
-        sys.stdout.write(json.dumps(_measure_one(args)) + "\n")
+        sys.stdout.write(json.dumps(children[args.suite](args)) + "\n")
 
 
 if __name__ == "__main__":
