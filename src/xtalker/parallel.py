@@ -31,7 +31,6 @@ from xtalker.paste import PasteTarget
 from xtalker.pipeline import (
     PreparedRun,
     RunResult,
-    finish_settings,
     finisher,
     load_head,
     load_speech,
@@ -174,7 +173,7 @@ def stage_render(config: InferenceConfig, job: Job, shard: int, shards: int) -> 
     start, stop = shard_ranges(run.num_frames, shards, config.batch_size)[shard]
     prof = Profiler()
     head = load_head(config, None, prof)
-    finish = finisher(run, finish_settings(config), "worker")
+    finish = finisher(run, config, "worker")
 
     def write(tmp: Path) -> None:
         frames = None  # the frame shape is known once the first batch has been through the workers' stages
@@ -215,7 +214,7 @@ def stage_merge(config: InferenceConfig, job: Job, shards: int, output: Path, pr
         raise JobError(f"job {job.path}: the shards hold {sum(counts)} frames, the run has {run.num_frames}; "
                        f"were they rendered with another --shards count than {shards}?")
     size_wh = write_video(run, _shard_batches(job, shards, config.batch_size), output, prof,
-                          finisher(run, finish_settings(config), "merge"))
+                          finisher(run, config, "merge"))
     prof.frames = run.num_frames
     write_json_atomic(job.meta, {**meta, "done": True, "output": str(output)})
     return RunResult(output=output, frames=run.num_frames, size_wh=size_wh, seed=run.seed, landmarks=meta["landmarks"],

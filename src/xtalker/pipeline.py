@@ -297,12 +297,9 @@ def render_frames(
         yield frames
 
 
-def finish_settings(config: InferenceConfig) -> FinishSettings:
-    return FinishSettings(config.blend, config.enhancer, config.enhance_align, config.checkpoint_dir, config.precision)
-
-
-def finisher(run: PreparedRun, settings: FinishSettings, part: str = "all") -> Finisher:
+def finisher(run: PreparedRun, config: InferenceConfig, part: str = "all") -> Finisher:
     """The post-render chain of `run` (see xtalker.finish): all of it, the workers' share or the merge's."""
+    settings = FinishSettings(config.blend, config.enhancer, config.enhance_align, config.checkpoint_dir, config.precision)
     return Finisher(settings, run.source.image_size, run.crop_size_wh, run.paste, run.face_points, run.seed, part)
 
 
@@ -344,7 +341,7 @@ def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunRes
     wav = load_speech(config, prof)
     head = load_head(config, head, prof)
     run = prepare_run(config, head, wav, seed, prof)
-    finish = finisher(run, finish_settings(config))
+    finish = finisher(run, config)
     frames = render_frames(head, run, 0, run.num_frames, config.batch_size, prof)
     size_wh = write_video(run, frames, output, prof, finish)
     return RunResult(
