@@ -99,11 +99,9 @@ def check_weights(name: str | None, align: str, checkpoint_dir: Path) -> dict[st
 
 
 class Enhancer(Protocol):
-    """Batch of RGB uint8 frames (n, h, w, 3) whose first is frame `first` of the video -> enhanced frames."""
-
-    heavy: bool  # worth running inside the render workers
-    after_paste: bool  # works on the finished frame (upstream's order) rather than the face crop
-    upscale: int
+    """Batch of RGB uint8 frames (n, h, w, 3) whose first is frame `first` of the video -> enhanced frames.
+    Where it sits in the post-render chain (before or after paste-back, in the workers or the merge) and its
+    upscale are decided by `xtalker.finish` from the settings, before any enhancer is built."""
 
     def __call__(self, frames: np.ndarray, first: int) -> np.ndarray: ...
 
@@ -115,10 +113,6 @@ def sharpen(frame: np.ndarray, sigma: float = SHARPEN_SIGMA, amount: float = SHA
 
 
 class Sharpener:
-    heavy = False
-    after_paste = False
-    upscale = 1
-
     def __call__(self, frames: np.ndarray, first: int) -> np.ndarray:
         return np.stack([sharpen(f) for f in frames]) if len(frames) else frames
 
@@ -176,10 +170,6 @@ class SourceAlignedEnhancer:
     """GFPGAN with one alignment per video from the source landmarks (in the coordinates of the frames
     this enhancer receives) and a fixed soft mask."""
 
-    heavy = True
-    after_paste = False
-    upscale = UPSCALE
-
     def __init__(self, restorer: Restorer, lm5: np.ndarray, frame_wh: tuple[int, int]):
         self.restorer = restorer
         self.affine = align_affine(lm5)
@@ -234,10 +224,6 @@ def enhance_detected(
 
 class DetectingEnhancer:
     """Upstream's procedure per finished frame: RetinaFace, LMedS alignment, GFPGAN, ParseNet mask, paste."""
-
-    heavy = True
-    after_paste = True
-    upscale = UPSCALE
 
     def __init__(self, restorer: Restorer, detector_path: Path, parsenet_path: Path, precision: str = "fp32"):
         from xtalker.face_detect import FaceDetector

@@ -18,7 +18,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from xtalker.enhance import make_enhancer
+from xtalker.enhance import UPSCALE, make_enhancer
 from xtalker.frames import resize_to_original, restored_size
 from xtalker.paste import Paster, PasteTarget
 from xtalker.profiling import Profiler
@@ -83,7 +83,7 @@ class Finisher:
         ]
         frame_wh = restored_size(render_size, crop_size_wh)
         after_paste = settings.heavy and settings.enhance_align == "detect"
-        upscale = 2 if settings.heavy and not after_paste else 1
+        upscale = UPSCALE if settings.heavy and not after_paste else 1
         if settings.enhancer is not None and not after_paste:
             if paste is not None and settings.heavy:
                 # Enhance at the size the face takes in the picture, as upstream's enhancer sees it.
