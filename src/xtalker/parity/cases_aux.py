@@ -88,8 +88,6 @@ def run_gfpgan(case: Case, ctx: Context) -> list[Check]:
     return [c for key, compare in outputs.items() if key in keys for c in compare(key)]
 
 
-
-
 def run_restore_align_lmeds(case: Case, ctx: Context) -> list[Check]:
     template = case.array("const.face_template_512")
     sets = case.array("input.lm5_sets")
