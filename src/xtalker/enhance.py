@@ -16,7 +16,6 @@ so a frame's result does not depend on batching or on which worker renders it.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,8 +44,6 @@ from xtalker.restore import (
 from xtalker.restore import (
     parse_mask as parse_classes_mask,
 )
-
-log = logging.getLogger(__name__)
 
 ENHANCERS = ("lightweight", "gfpgan")
 ALIGNS = ("source", "detect")

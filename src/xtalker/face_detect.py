@@ -12,7 +12,6 @@ Colour order is the caller's business: SadTalker's first detection pass feeds RG
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,8 +23,6 @@ import torch.nn.functional as F
 
 from xtalker.models import plans
 from xtalker.models.retinaface import RetinaFaceR50, fold_batchnorm, load_retinaface
-
-log = logging.getLogger(__name__)
 
 MEAN_BGR = (104.0, 117.0, 123.0)
 STEPS = (8, 16, 32)

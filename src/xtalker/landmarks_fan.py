@@ -15,7 +15,6 @@ in float32 only (bf16 moves argmaxes, aux spec 6).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,6 @@ import numpy as np
 import torch
 
 from xtalker.models.awing import FAN, INPUT_SIZE, NUM_LANDMARKS, load_awing
-
-log = logging.getLogger(__name__)
 
 # iBUG-68 point <- WFLW-98 point pair; the 68-point coordinate is the pair's mean (a == b: copied).
 _WFLW_PAIRS: list[tuple[int, int]] = (

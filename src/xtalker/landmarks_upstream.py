@@ -11,7 +11,6 @@ under a second per picture.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from xtalker.landmarks_fan import FanLandmarks
 from xtalker.models.auxfile import locate, search_folders
 from xtalker.models.awing import FILE_NAME as FAN_FILE
 from xtalker.models.retinaface import FILE_NAME as DETECTOR_FILE
-
-log = logging.getLogger(__name__)
 
 MAX_FACES = 4  # FAN runs on the best detections only (upstream uses just the first); a crowd costs no more
 
