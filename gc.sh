@@ -8,4 +8,4 @@ py="$repo/.venv/bin/python"
 [ -x "$py" ] || py=python3
 # a checkout that was never `pip install`ed still finds its package
 export PYTHONPATH="$repo/src${PYTHONPATH:+:$PYTHONPATH}"
-exec "$py" -m xtalker.gc "$@"
+exec "$py" -m xtalker.parallel.gc "$@"

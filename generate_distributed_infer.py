@@ -4,10 +4,10 @@ import sys
 from pathlib import Path
 
 try:
-    from xtalker.distributed import main
+    from xtalker.parallel.script import main
 except ModuleNotFoundError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
-    from xtalker.distributed import main
+    from xtalker.parallel.script import main
 
 if __name__ == "__main__":
     sys.exit(main(Path(__file__).resolve().parent / "inference.py"))

@@ -81,7 +81,7 @@ def _measure_one(args: argparse.Namespace) -> dict:
 
     from xtalker.config import InferenceConfig
     from xtalker.pipeline import generate
-    from xtalker.renderer import Renderer
+    from xtalker.render import Renderer
 
     if args.mode == "stream":
         def constant_frames(self, source, driving, *angles):
@@ -166,8 +166,8 @@ TARGETS = {"bf16": (4.0, 40.0), "int8": (6.0, 33.0)}  # precision: (speedup, PSN
 def _head(checkpoint_dir: Path, precision: str = "fp32", cache_dir: Path | None = None):
     """The networks as the CLI builds them for a crop-mode 256 run."""
     from xtalker.checkpoints import find_checkpoints
-    from xtalker.landmarks import get_backend
     from xtalker.pipeline import Setting, TalkingHead
+    from xtalker.preprocess import get_backend
 
     return TalkingHead(Setting(find_checkpoints(checkpoint_dir), precision, cache_dir=cache_dir),
                        get_backend("auto", checkpoint_dir))
@@ -190,7 +190,7 @@ def _flops_per_frame(checkpoint_dir: Path, inputs: Path) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from xtalker.checkpoints import find_checkpoints
-    from xtalker.renderer import Renderer
+    from xtalker.render import Renderer
 
     data = np.load(inputs)
     paths = find_checkpoints(checkpoint_dir)
@@ -242,7 +242,7 @@ def _speed_one(args: argparse.Namespace) -> dict:
     """Inside the child process: render the frames with one configuration; save them for comparison."""
     import torch
 
-    from xtalker.frames import to_uint8
+    from xtalker.render import to_uint8
 
     precision, batch, per_batch_source = SPEED_CONFIGS[args.config]
     data = np.load(args.inputs)
@@ -400,10 +400,11 @@ def blend(args: argparse.Namespace) -> None:
     (full mode) with its crop, brightened and blurred, standing in for a rendered frame."""
     import cv2
 
-    from xtalker.crop import crop_source
-    from xtalker.landmarks import get_backend
+    from xtalker.finish import BLENDS, paste_target
+    from xtalker.finish.paste import Paster
     from xtalker.media import first_frame
-    from xtalker.paste import BLENDS, Paster, paste_target
+    from xtalker.preprocess import get_backend
+    from xtalker.preprocess.crop import crop_source
 
     picture = first_frame(PORTRAIT)
     crop = crop_source(picture, get_backend("auto", None).detect(picture)[0].landmarks, mode="full", pic_size=256)
@@ -433,10 +434,10 @@ def blend(args: argparse.Namespace) -> None:
 def _stand_in_frames(count: int) -> tuple[np.ndarray, np.ndarray]:
     """`count` 256 px face crops of the bundled portrait (slightly shifted each, like rendered frames) and the
     source face's 5 points in them."""
-    from xtalker.crop import crop_source
-    from xtalker.landmarks import get_backend
+    from xtalker.finish import five_points
     from xtalker.media import first_frame
-    from xtalker.restore import five_points
+    from xtalker.preprocess import get_backend
+    from xtalker.preprocess.crop import crop_source
 
     picture = first_frame(PORTRAIT)
     backend = get_backend("mediapipe", None)
@@ -458,7 +459,7 @@ def enhance(args: argparse.Namespace) -> None:
     """Per-frame cost of each enhancer mode on 256 px frames (output 512), synthetic weights; `detect` rows time
     upstream's whole procedure with the face found (random detector weights score below its 0.97 threshold, so
     the detector's time is measured on the frame and the rest runs on the source face's points)."""
-    from xtalker.enhance import (
+    from xtalker.finish.enhance import (
         DetectedFaces,
         DetectingEnhancer,
         Restorer,
@@ -466,7 +467,8 @@ def enhance(args: argparse.Namespace) -> None:
         SourceAlignedEnhancer,
         enhance_detected,
     )
-    from xtalker.synthetic_aux import default_aux_dir, ensure_all_aux
+    from xtalker.synthetic import default_aux_dir
+    from xtalker.synthetic.auxiliary import ensure_all_aux
 
     folder = ensure_all_aux(args.aux_dir or default_aux_dir())
     frames, points = _stand_in_frames(args.frames)
@@ -528,12 +530,13 @@ def landmarks(args: argparse.Namespace) -> None:
     import cv2
     import torch
 
-    from xtalker.face_detect import FaceDetector, to_network_input
-    from xtalker.landmarks import get_backend
-    from xtalker.landmarks_fan import FanLandmarks, fan_input
     from xtalker.media import first_frame
     from xtalker.models.retinaface import load_retinaface
-    from xtalker.synthetic_aux import default_aux_dir, ensure_all_aux
+    from xtalker.preprocess import FaceDetector, get_backend
+    from xtalker.preprocess.face_detect import to_network_input
+    from xtalker.preprocess.landmarks.fan import FanLandmarks, fan_input
+    from xtalker.synthetic import default_aux_dir
+    from xtalker.synthetic.auxiliary import ensure_all_aux
 
     folder = ensure_all_aux(args.aux_dir or default_aux_dir())
     picture = first_frame(PORTRAIT)

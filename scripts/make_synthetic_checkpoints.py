@@ -17,8 +17,8 @@ import argparse
 import logging
 import sys
 
-from xtalker.synthetic import write_all
-from xtalker.synthetic_aux import write_all_aux
+from xtalker.synthetic.auxiliary import write_all_aux
+from xtalker.synthetic.sadtalker import write_all
 
 
 def main(argv: list[str] | None = None) -> int:

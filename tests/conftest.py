@@ -39,7 +39,8 @@ def synthetic_checkpoints() -> Path:
 @pytest.fixture(scope="session")
 def aux_checkpoints() -> Path:
     """A folder with the four synthetic aux files (GFPGAN, RetinaFace, AWing FAN, ParseNet), verified by digest."""
-    from xtalker.synthetic_aux import default_aux_dir, ensure_all_aux
+    from xtalker.synthetic import default_aux_dir
+    from xtalker.synthetic.auxiliary import ensure_all_aux
 
     return ensure_all_aux(default_aux_dir())
 

@@ -10,16 +10,10 @@ import pytest
 import torch
 from scipy.signal import savgol_filter
 
-from xtalker import audio
-from xtalker.audio2coeff import (
-    Audio2Coeff,
-    apply_ref_pose,
-    blink_ratio,
-    savgol_window,
-    smooth_pose,
-    windows_to_tensor,
-)
 from xtalker.models.audio2pose import pose_chunks
+from xtalker.speech import Audio2Coeff, apply_ref_pose, blink_ratio, windows_to_tensor
+from xtalker.speech import audio as audio
+from xtalker.speech.audio2coeff import savgol_window, smooth_pose
 
 
 def _signal(num_samples: int, seed: int = 0) -> np.ndarray:

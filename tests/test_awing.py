@@ -11,13 +11,6 @@ import pytest
 import torch
 from conftest import golden_dir
 
-from xtalker.landmarks_fan import (
-    FanLandmarks,
-    crop_for_fan,
-    decode_heatmaps,
-    fan_input,
-    wflw98_to_68,
-)
 from xtalker.models.auxfile import AuxWeightsMissing
 from xtalker.models.awing import (
     FAN,
@@ -28,6 +21,7 @@ from xtalker.models.awing import (
 )
 from xtalker.parity.cases_awing import RUNNERS
 from xtalker.parity.core import Case, Context
+from xtalker.preprocess.landmarks.fan import FanLandmarks, crop_for_fan, decode_heatmaps, fan_input, wflw98_to_68
 
 AUX_MANIFEST = golden_dir().parent / "aux_manifest.json"
 PARAMETERS = 24_153_036  # aux spec 2.1

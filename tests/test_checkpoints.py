@@ -10,8 +10,15 @@ import torch
 from safetensors.torch import save_file
 
 from xtalker import checkpoints
-from xtalker.checkpoints import CheckpointError, expected_tensors, find_checkpoints, load_network, read_mapping, read_packed
-from xtalker.synthetic import synthesize
+from xtalker.checkpoints import (
+    CheckpointError,
+    expected_tensors,
+    find_checkpoints,
+    load_network,
+    read_mapping,
+    read_packed,
+)
+from xtalker.synthetic.sadtalker import synthesize
 
 MANIFEST = Path(__file__).resolve().parents[2] / "shared" / "reference" / "checkpoint_manifest.json"
 

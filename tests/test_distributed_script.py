@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from xtalker import distributed
-from xtalker import slots as slots_module
-from xtalker.distributed import render_script, write_script
-from xtalker.jobs import process_identity
-from xtalker.slots import CoreSlot, available_cpus, plan_slots
+from xtalker.parallel import available_cpus
+from xtalker.parallel import script as distributed
+from xtalker.parallel import slots as slots_module
+from xtalker.parallel.jobs import process_identity
+from xtalker.parallel.script import render_script, write_script
+from xtalker.parallel.slots import CoreSlot, plan_slots
 
 REPO = Path(__file__).resolve().parents[1]
 USER_ARGS = ["--driven_audio", "my audio.wav", "--source_image", "face's pic $HOME `x`.png", "--input_yaw", "-10", "5",

@@ -5,21 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xtalker.enhance import (
+from xtalker.finish import Finisher, FinishSettings, PasteTarget, check_enhancer, check_weights
+from xtalker.finish.enhance import (
     EnhancerWeightsMissing,
     Restorer,
     Sharpener,
     SourceAlignedEnhancer,
-    check_enhancer,
-    check_weights,
     make_enhancer,
     noise_seed,
     sharpen,
     template_mask,
 )
-from xtalker.finish import Finisher, FinishSettings
-from xtalker.paste import PasteTarget
-from xtalker.restore import FFHQ_TEMPLATE_512, MASK_BORDER, upscale_background
+from xtalker.finish.restore import FFHQ_TEMPLATE_512, MASK_BORDER, upscale_background
 
 
 def test_sharpen_keeps_flat_areas_and_steepens_edges():

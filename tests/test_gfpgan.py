@@ -28,8 +28,8 @@ from xtalker.models.gfpgan import (
 )
 from xtalker.parity.cases_aux import RUNNERS
 from xtalker.parity.core import Case, Context
-from xtalker.synthetic import content_digest
-from xtalker.synthetic_aux import aux_layout
+from xtalker.synthetic.auxiliary import aux_layout
+from xtalker.synthetic.sadtalker import content_digest
 
 USED_PARAMETERS = 84_339_239  # aux spec 3.1: 86,444,252 minus style MLP and toRGB heads
 AUX_MANIFEST = golden_dir().parent / "aux_manifest.json"

@@ -15,10 +15,11 @@ import pytest
 import torch
 from conftest import write_wav
 
-from xtalker import cli, quantize
+from xtalker import cli
 from xtalker.config import InferenceConfig
 from xtalker.media import load_audio
 from xtalker.pipeline import CALIBRATION_SPEECH, TalkingHead, example_inputs
+from xtalker.render import quantize as quantize
 
 REPO = Path(__file__).resolve().parents[1]
 PORTRAIT = REPO / "examples" / "source_image" / "astronaut.png"

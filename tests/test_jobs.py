@@ -17,17 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xtalker import __version__, gc
+from xtalker import __version__
 from xtalker.atomic import read_json, write_atomic, write_json_atomic
-from xtalker.jobs import (
-    Job,
-    job_header,
-    jobs_root,
-    live_workers,
-    new_job_id,
-    process_identity,
-    record_worker,
-)
+from xtalker.parallel import Job, gc
+from xtalker.parallel.jobs import job_header, jobs_root, live_workers, new_job_id, process_identity, record_worker
 
 REPO = Path(__file__).resolve().parents[1]
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]

@@ -10,18 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from xtalker import landmarks, landmarks_mediapipe
-from xtalker.landmarks import (
-    BackendSpec,
-    Face,
-    LandmarkBackendError,
-    NoFaceError,
-    best_face,
-    get_backend,
-    largest_face,
-    register_backend,
-)
-from xtalker.landmarks_mediapipe import (
+from xtalker.preprocess import LandmarkBackendError, NoFaceError, get_backend
+from xtalker.preprocess.landmarks import base as landmarks
+from xtalker.preprocess.landmarks import mediapipe as landmarks_mediapipe
+from xtalker.preprocess.landmarks.base import BackendSpec, Face, best_face, largest_face, register_backend
+from xtalker.preprocess.landmarks.mediapipe import (
     FULL_RANGE,
     MESH_TO_IBUG68,
     SHORT_RANGE,

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 from conftest import write_wav
 
-import xtalker.landmarks_upstream as upstream
-from xtalker.landmarks import LandmarkBackendError, get_backend, unavailable_reason
+import xtalker.preprocess.landmarks.upstream as upstream
 from xtalker.media import load_audio, probe
+from xtalker.preprocess import LandmarkBackendError, get_backend
+from xtalker.preprocess.landmarks.base import unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
 PORTRAIT = REPO / "examples" / "source_image" / "astronaut.png"

@@ -17,9 +17,10 @@ from conftest import write_wav
 
 from xtalker import cli
 from xtalker.atomic import read_json
-from xtalker.jobs import Job, jobs_root
 from xtalker.media import iter_video_frames, load_audio, probe
-from xtalker.parallel import shard_ranges, worker_argv
+from xtalker.parallel import Job
+from xtalker.parallel.jobs import jobs_root
+from xtalker.parallel.stages import shard_ranges, worker_argv
 
 REPO = Path(__file__).resolve().parents[1]
 PORTRAIT = REPO / "examples" / "source_image" / "astronaut.png"

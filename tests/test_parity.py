@@ -8,13 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from conftest import golden_dir
 from xtalker.parity.checker import run_case, runners
-from xtalker.parity.core import Context
+from xtalker.parity import cases_renderer
+from xtalker.parity.core import Case, Context, image_tolerances
 
 CASES = sorted(golden_dir().glob("*.safetensors")) if golden_dir().is_dir() else []
 
@@ -103,3 +106,42 @@ def test_runner_registry_covers_every_foundation_kind():
         "audio_mel", "preprocess_align_recon", "crop_align_face", "net_recon", "audio2coeff", "mapping",
         "keypoint_transformation", "kp_detector", "generator", "facerender_batch", "make_animation",
     }
+
+
+def test_image_tolerances_scale_with_the_image_size():
+    assert image_tolerances(2e-4, 2e-5, 256) == (2e-4, 2e-5)
+    assert image_tolerances(2e-4, 2e-5, 512) == pytest.approx((2e-3, 5e-5))  # reference README 5
+    with pytest.raises(ValueError, match="image_size 384"):
+        image_tolerances(2e-4, 2e-5, 384)
+
+
+@pytest.mark.parametrize("image_size, passes", [(256, False), (512, True)])
+def test_make_animation_tolerance_follows_the_case_image_size(tmp_path, golden, monkeypatch, image_size, passes):
+    """A prediction 1e-3 off (between the 256 and 512 max-abs tolerances) fails at 256 and passes at 512."""
+    with safe_open(str(golden / "make_animation256_a.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["json"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    scale = image_size // 256
+    png = tensors["input.source_png_rgb_u8"].numpy()
+    tensors["input.source_png_rgb_u8"] = torch.from_numpy(np.ascontiguousarray(png.repeat(scale, 0).repeat(scale, 1)))
+    path = tmp_path / "case.safetensors"
+    save_file(tensors, str(path), metadata={"json": json.dumps({**meta, "image_size": image_size})})
+    moved = tensors["out.predictions"].clone()
+    moved.view(-1)[12345] += 1e-3
+
+    class Replay:
+        """Stands in for the renderer: the stored predictions, one value moved."""
+
+        def __init__(self, **networks):
+            pass
+
+        def make_animation(self, *args):
+            return moved.reshape(-1, *moved.shape[2:])
+
+    monkeypatch.setattr(cases_renderer, "Renderer", Replay)
+    ctx = Context(tmp_path)
+    monkeypatch.setattr(ctx, "network", lambda name, file_name: None)
+    checks = {c.name: c for c in cases_renderer.run_make_animation(Case.open(path), ctx)}
+    assert checks["predictions"].error == pytest.approx(1e-3, rel=1e-3)
+    assert checks["predictions"].passed is passes
+    assert checks["predictions_mean"].passed and checks["frames_u8"].passed

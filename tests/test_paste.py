@@ -8,7 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from xtalker.paste import BLENDS, Paster, PasteTarget, blend_mask
+from xtalker.finish import BLENDS, PasteTarget
+from xtalker.finish.paste import Paster, blend_mask
 
 PORTRAIT = Path(__file__).resolve().parents[1] / "examples" / "source_image" / "astronaut.png"
 BOX = (60, 300, 140, 380)  # y1, y2, x1, x2: around the face of the bundled portrait

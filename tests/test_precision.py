@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from xtalker.checkpoints import load_network, mapping_file_name, packed_file_name
-from xtalker.precision import BF16_PARTS, check_precision, generator_precision, prepare_generator
-from xtalker.render_inputs import driving_sequence, source_image, source_semantics
-from xtalker.renderer import Renderer
+from xtalker.render import Renderer, driving_sequence, source_image, source_semantics
+from xtalker.render.precision import BF16_PARTS, check_precision, generator_precision, prepare_generator
 
 PORTRAIT = Path(__file__).resolve().parents[1] / "examples" / "source_image" / "astronaut.png"
 MIN_PSNR_DB = 42.0  # measured 47 dB at 128 px (45-47 dB at 256 on the golden inputs)
@@ -87,6 +86,6 @@ def test_bf16_frames_stay_close_to_fp32(bf16_renderer, synthetic_checkpoints):
 
 def test_keep_freed_memory_applies_on_glibc():
     # Process-wide malloc setting: checked in a child process.
-    code = "from xtalker.precision import keep_freed_memory; print(keep_freed_memory())"
+    code = "from xtalker.render.precision import keep_freed_memory; print(keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ("True" if sys.platform.startswith("linux") else "False")

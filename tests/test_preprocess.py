@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from xtalker.align import (
+from xtalker.models.face_3drecon import ReconNet, split_coeff
+from xtalker.preprocess.align import (
     LM3D_STD_5,
     align_face,
     five_points,
@@ -17,8 +18,7 @@ from xtalker.align import (
     source_coefficients,
     to_aligned,
 )
-from xtalker.crop import apply_crop, crop_geometry, crop_source
-from xtalker.models.face_3drecon import ReconNet, split_coeff
+from xtalker.preprocess.crop import apply_crop, crop_geometry, crop_source
 
 
 def face_landmarks(cx: float, cy: float, eye_dist: float, angle_deg: float = 0.0) -> np.ndarray:

@@ -43,11 +43,11 @@ def test_explicit_flags_win_over_the_preset():
 
 
 def test_auto_workers_follow_the_machine(monkeypatch):
-    from xtalker import slots
+    from xtalker import parallel
 
-    monkeypatch.setattr(slots, "available_cpus", lambda: [0, 1])
+    monkeypatch.setattr(parallel, "available_cpus", lambda: [0, 1])
     assert config_for("--preset", "ultra_fast").workers == 1  # small machines: one process (measured as fast)
-    monkeypatch.setattr(slots, "available_cpus", lambda: list(range(16)))
+    monkeypatch.setattr(parallel, "available_cpus", lambda: list(range(16)))
     assert config_for("--preset", "ultra_fast").workers == 4
     assert config_for("--preset", "ultra_fast", "--workers", "2").workers == 2
     assert config_for("--preset", "fast").workers == 1

@@ -15,15 +15,9 @@ import pytest
 import torch
 from torch import nn
 
-from xtalker import quantize
-from xtalker.quantize import (
-    CalibrationBatch,
-    Int8Settings,
-    QuantizationUnavailableError,
-    cache_key,
-    key_digest,
-    quantize_generator,
-)
+from xtalker.render import CalibrationBatch, Int8Settings, QuantizationUnavailableError, quantize_generator
+from xtalker.render import quantize as quantize
+from xtalker.render.quantize import cache_key, key_digest
 
 
 @dataclass

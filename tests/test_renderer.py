@@ -9,19 +9,18 @@ import pytest
 import torch
 
 from xtalker.checkpoints import load_network, mapping_file_name, packed_file_name
-from xtalker.frames import resize_to_original, restored_size, to_uint8
-from xtalker.keypoints import logits_to_degrees, rotation_matrix, transform_keypoints
 from xtalker.models.mapping import HeadPose
-from xtalker.render_inputs import (
-    batched_target,
-    driving_coefficients,
+from xtalker.render import (
+    Renderer,
     driving_sequence,
-    keyframe_degrees,
-    padded_length,
+    resize_to_original,
+    restored_size,
     source_image,
     source_semantics,
+    to_uint8,
 )
-from xtalker.renderer import Renderer
+from xtalker.render.inputs import batched_target, driving_coefficients, keyframe_degrees, padded_length
+from xtalker.render.keypoints import logits_to_degrees, rotation_matrix, transform_keypoints
 
 
 def coeffs(rng: np.random.Generator, t: int, c: int = 70) -> np.ndarray:

@@ -11,19 +11,6 @@ import pytest
 import torch
 from conftest import golden_dir
 
-from xtalker.face_detect import (
-    FaceDetector,
-    box_ints,
-    candidate_indices,
-    decode,
-    eye_distance,
-    feature_sizes,
-    nms,
-    postprocess,
-    priors,
-    restore_helper_faces,
-    to_network_input,
-)
 from xtalker.models.auxfile import AuxWeightsMissing
 from xtalker.models.retinaface import (
     FILE_NAME,
@@ -33,6 +20,18 @@ from xtalker.models.retinaface import (
 )
 from xtalker.parity.cases_retinaface import RUNNERS
 from xtalker.parity.core import Case, Context
+from xtalker.preprocess import FaceDetector, restore_helper_faces
+from xtalker.preprocess.face_detect import (
+    box_ints,
+    candidate_indices,
+    decode,
+    eye_distance,
+    feature_sizes,
+    nms,
+    postprocess,
+    priors,
+    to_network_input,
+)
 
 AUX_MANIFEST = golden_dir().parent / "aux_manifest.json"
 PARAMETERS = 27_293_600  # aux spec 1.1
@@ -236,9 +235,10 @@ def test_batch_equals_single_runs_and_keeps_order(detector):
     images = [a, c, b]
     batched = detector.head_outputs(images)
     single = [detector.head_outputs([im], batch_size=1)[0] for im in images]
+    # oneDNN sums in another order per batch size: fp32 reordering, relative to the value (1e-5 at 1.7 seen here)
     for got, ref in zip(batched, single):
         for x, y in zip(got, ref):
-            np.testing.assert_allclose(x, y, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5)
     # Views such as a channel flip are accepted as they are.
     flipped = detector.head_outputs([a[..., ::-1]])[0]
     np.testing.assert_array_equal(flipped.loc, detector.head_outputs([a[..., ::-1].copy()])[0].loc)

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from xtalker import slots as slots_module
-from xtalker.slots import (
-    CoreSlot,
-    SlotError,
-    available_cpus,
-    compact_cpu_list,
-    pin_prefix,
-    plan_slots,
-)
+from xtalker.parallel import SlotError, available_cpus
+from xtalker.parallel import slots as slots_module
+from xtalker.parallel.slots import CoreSlot, compact_cpu_list, pin_prefix, plan_slots
 
 
 def check_disjoint_cover(slots: list[CoreSlot], cpus: list[int]) -> None:

@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from xtalker import synthetic
 from xtalker.checkpoints import expected_tensors
+from xtalker.synthetic import sadtalker as synthetic
 
 
 def test_seed_rule_matches_the_documented_example():

@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import golden_dir
 
-from xtalker.synthetic import content_digest
-from xtalker.synthetic_aux import aux_layout, digest_group, ensure_aux
+from xtalker.synthetic import ensure_aux
+from xtalker.synthetic.auxiliary import aux_layout, digest_group
+from xtalker.synthetic.sadtalker import content_digest
 
 AUX_MANIFEST = golden_dir().parent / "aux_manifest.json"
 
@@ -45,7 +46,7 @@ def test_existing_file_is_kept(tmp_path):
 
 
 def test_write_all_aux_reports_each_digest(tmp_path):
-    from xtalker.synthetic_aux import write_all_aux
+    from xtalker.synthetic.auxiliary import write_all_aux
 
     assert write_all_aux(tmp_path) == dict.fromkeys(aux_layout(), True)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(aux_layout())

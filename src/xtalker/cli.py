@@ -15,9 +15,8 @@ from pathlib import Path
 
 from xtalker import __version__
 from xtalker.config import NUM_POSE_STYLES, PRECISIONS, SIZES, InferenceConfig
-from xtalker.crop import PREPROCESS_MODES
-from xtalker.enhance import ALIGNS, check_weights
-from xtalker.paste import BLENDS
+from xtalker.finish import ALIGNS, BLENDS, check_weights
+from xtalker.preprocess import PREPROCESS_MODES
 
 log = logging.getLogger("xtalker")
 
@@ -107,8 +106,8 @@ PRESETTABLE_DEFAULTS = {"precision": "fp32", "batch_size": 2, "threads": None, "
 
 def resolve_presettable(args: argparse.Namespace) -> dict[str, object]:
     """Explicit flag > preset > built-in default, for every setting a preset may set."""
+    from xtalker.parallel import available_cpus
     from xtalker.presets import AUTO, auto_workers, get_preset
-    from xtalker.slots import available_cpus
 
     preset = get_preset(args.preset).settings if args.preset else {}
     chosen = {
@@ -216,7 +215,7 @@ def _run(config: InferenceConfig, args: argparse.Namespace, argv: list[str]):
 
     from xtalker import parallel
     from xtalker.config import ConfigError
-    from xtalker.jobs import Job
+    from xtalker.parallel import Job
     from xtalker.pipeline import generate
 
     if args.stage is None:
@@ -260,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name):
             return _fail(message, 2)
     if args.enhancer is not None:
-        from xtalker.enhance import check_enhancer
+        from xtalker.finish import check_enhancer
 
         try:
             check_enhancer(args.enhancer)
@@ -277,13 +276,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from xtalker.checkpoints import CheckpointError
     from xtalker.config import ConfigError
-    from xtalker.landmarks import LandmarkBackendError, NoFaceError
     from xtalker.media import MediaError
-    from xtalker.parallel import JobError
+    from xtalker.parallel import JobError, SlotError
     from xtalker.pipeline import AudioTooShortError, default_output
-    from xtalker.quantize import QuantizationUnavailableError, check_available
-    from xtalker.slots import SlotError
-    from xtalker.source import SourceError
+    from xtalker.preprocess import LandmarkBackendError, NoFaceError, SourceError
+    from xtalker.render import QuantizationUnavailableError, check_available
     from xtalker.synthetic import is_synthetic_folder
 
     expected = (CheckpointError, ConfigError, LandmarkBackendError, NoFaceError, MediaError, SourceError, AudioTooShortError,

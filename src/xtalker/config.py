@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from xtalker.crop import PREPROCESS_MODES
-from xtalker.enhance import ALIGNS, check_enhancer
-from xtalker.paste import BLENDS
+from xtalker.finish import ALIGNS, BLENDS, check_enhancer
+from xtalker.preprocess import PREPROCESS_MODES
 
 SIZES = (256, 512)
 PRECISIONS = ("fp32", "bf16", "int8")
@@ -42,9 +41,9 @@ class InferenceConfig:
     ref_pose: Path | None = None
     landmarks: str = "auto"
     backend: str = "native"  # or "ipex": intel_extension_for_pytorch.optimize on the generator
-    blend: str = "seamless"  # paste-back blend of the full modes (xtalker.paste.BLENDS)
-    enhancer: str | None = None  # face enhancer (xtalker.enhance.ENHANCERS), None: none
-    enhance_align: str = "source"  # GFPGAN face alignment (xtalker.enhance.ALIGNS): once from the source, or detect
+    blend: str = "seamless"  # paste-back blend of the full modes (xtalker.finish.BLENDS)
+    enhancer: str | None = None  # face enhancer (xtalker.finish.enhance.ENHANCERS), None: none
+    enhance_align: str = "source"  # GFPGAN face alignment (xtalker.finish.ALIGNS): once from the source, or detect
     compile: bool = True  # int8 runs an ahead-of-time compiled graph; fp32/bf16 run eagerly either way
     cache_dir: Path | None = None  # compiled int8 graphs; None: $XTALKER_CACHE_DIR or ~/.cache/xtalker/compiled
     seed: int | None = None  # None: a fresh seed per run (upstream is unseeded), reported for reruns

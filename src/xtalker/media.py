@@ -27,7 +27,7 @@ import av
 import numpy as np
 import soxr
 
-from xtalker.audio import SAMPLE_RATE
+from xtalker.speech import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 

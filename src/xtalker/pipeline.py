@@ -18,39 +18,36 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from xtalker.audio import audio_windows, crop_to_frames, num_video_frames
-from xtalker.audio2coeff import (
-    Audio2Coeff,
-    apply_ref_pose,
-    blink_ratio,
-    windows_to_tensor,
-)
 from xtalker.checkpoints import CheckpointPaths, find_checkpoints, load_network
 from xtalker.config import FPS, InferenceConfig
-from xtalker.enhance import check_weights
-from xtalker.finish import Finisher, FinishSettings
-from xtalker.frames import to_uint8
-from xtalker.landmarks import LandmarkBackend, get_backend
+from xtalker.finish import Finisher, FinishSettings, PasteTarget, check_weights, five_points, paste_target
 from xtalker.media import VideoWriter, load_audio
-from xtalker.paste import PasteTarget, paste_target
+from xtalker.preprocess import LandmarkBackend, PreparedFace, get_backend, prepare_source, video_coefficients
 from xtalker.profiling import Profiler
-from xtalker.quantize import (
+from xtalker.render import (
     ArtifactInfo,
     CalibrationBatch,
+    DrivingSequence,
     Int8Settings,
+    PreparedSource,
+    Renderer,
+    driving_sequence,
     quantize_generator,
     record_calibration,
-    tensor_digest,
-)
-from xtalker.render_inputs import (
-    DrivingSequence,
-    driving_sequence,
     source_image,
     source_semantics,
+    tensor_digest,
+    to_uint8,
 )
-from xtalker.renderer import PreparedSource, Renderer
-from xtalker.restore import five_points
-from xtalker.source import PreparedFace, prepare_source, video_coefficients
+from xtalker.speech import (
+    Audio2Coeff,
+    apply_ref_pose,
+    audio_windows,
+    blink_ratio,
+    crop_to_frames,
+    num_video_frames,
+    windows_to_tensor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +80,7 @@ class Setting:
     paths: CheckpointPaths
     precision: str = "fp32"
     backend: str = "native"
-    cache_dir: Path | None = None  # compiled int8 graphs; None: xtalker.quantize.default_cache_dir()
+    cache_dir: Path | None = None  # compiled int8 graphs; None: xtalker.render.quantize.default_cache_dir()
 
     @classmethod
     def of(cls, config: InferenceConfig) -> "Setting":

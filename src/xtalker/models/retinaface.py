@@ -3,7 +3,7 @@
 Loads the official `detection_Resnet50_Final.pth` exactly: a flat torch pickle whose keys may carry the
 `module.` prefix of a DataParallel run (stripped, as facexlib does). The network maps mean-subtracted BGR
 images of any size to per-prior box offsets, face probabilities and landmark offsets; priors, decoding and
-NMS live in `xtalker.face_detect`.
+NMS live in `xtalker.preprocess.face_detect`.
 """
 
 from __future__ import annotations

@@ -8,9 +8,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from xtalker import audio
-from xtalker.audio2coeff import EXP_DIM, Audio2Coeff, savgol_window
 from xtalker.parity.core import Case, Check, Context, exact, max_abs
+from xtalker.speech import Audio2Coeff
+from xtalker.speech import audio as audio
+from xtalker.speech.audio2coeff import EXP_DIM, savgol_window
 
 # README section 4 tolerances.
 TOL_MEL_BASIS = 1e-7

@@ -2,7 +2,7 @@
 
 The aux weight files are not among the four SadTalker files the Context knows, so a runner takes
 its file (e.g. `GFPGANv1.4.pth`) from the checkpoint folder when it is there and otherwise writes the verified synthetic
-file (rule sadtalker-synth-v1-aux) into the synthetic aux cache (`xtalker.synthetic_aux.default_aux_dir`).
+file (rule sadtalker-synth-v1-aux) into the synthetic aux cache (`xtalker.synthetic.default_aux_dir`).
 """
 
 from __future__ import annotations
@@ -15,18 +15,8 @@ import cv2
 import numpy as np
 import torch
 
-from xtalker.enhance import GFPGAN_FILE, PARSENET_FILE, RETINAFACE_FILE
-from xtalker.models.gfpgan import (
-    NOISE_SIZES,
-    GFPGANv1Clean,
-    draw_noise,
-    fast_plan,
-    load_gfpgan,
-    postprocess_to_bgr_u8,
-    preprocess_bgr_u8,
-)
-from xtalker.parity.core import Case, Check, Context, exact, levels, max_abs, mean_abs
-from xtalker.restore import (
+from xtalker.finish.enhance import GFPGAN_FILE, PARSENET_FILE, RETINAFACE_FILE
+from xtalker.finish.restore import (
     FFHQ_TEMPLATE_512,
     align_affine,
     inverse_affine,
@@ -37,7 +27,17 @@ from xtalker.restore import (
     warp_face,
     warp_mask,
 )
-from xtalker.synthetic_aux import default_aux_dir, ensure_aux
+from xtalker.models.gfpgan import (
+    NOISE_SIZES,
+    GFPGANv1Clean,
+    draw_noise,
+    fast_plan,
+    load_gfpgan,
+    postprocess_to_bgr_u8,
+    preprocess_bgr_u8,
+)
+from xtalker.parity.core import Case, Check, Context, exact, levels, max_abs, mean_abs
+from xtalker.synthetic import default_aux_dir, ensure_aux
 
 
 def aux_file(ctx: Context, file_name: str) -> Path:
@@ -149,10 +149,11 @@ class _Recorded:
 
 
 def run_gfpganer_enhance(case: Case, ctx: Context) -> list[Check]:
-    from xtalker.enhance import DetectedFaces, enhance_detected
-    from xtalker.face_detect import FaceDetector, postprocess, restore_helper_faces
+    from xtalker.finish.enhance import DetectedFaces, enhance_detected
+    from xtalker.finish.restore import FACE_SIZE
     from xtalker.models.parsenet import load_parsenet, parse_classes
-    from xtalker.restore import FACE_SIZE
+    from xtalker.preprocess import FaceDetector, restore_helper_faces
+    from xtalker.preprocess.face_detect import postprocess
 
     frame = np.ascontiguousarray(case.array("input.frame_rgb_u8")[..., ::-1])
     h, w = frame.shape[:2]

@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from xtalker.landmarks_fan import FanLandmarks, decode_heatmaps, wflw98_to_68
 from xtalker.models.awing import FILE_NAME
 from xtalker.parity.cases_aux import aux_file
 from xtalker.parity.core import Case, Check, Context, exact, max_abs
+from xtalker.preprocess.landmarks.fan import FanLandmarks, decode_heatmaps, wflw98_to_68
 
 HEATMAP_TOL = 1e-4
 POINTS_TOL = 1e-9

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from xtalker.parity.core import Case, Check, Context, max_abs, mean_abs
+from xtalker.parity.core import Case, Check, Context, image_tolerances, max_abs, mean_abs
 
 
 def image_from_u8(images: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ def run_generator(case: Case, ctx: Context) -> list[Check]:
     return _present(
         case,
         [
-            ("out.prediction", compare("prediction", 1e-4, 1e-5)),
+            ("out.prediction", compare("prediction", *image_tolerances(1e-4, 1e-5, int(source.shape[-1])))),
             ("out.occlusion_map", compare("occlusion_map", 2e-5)),
             ("out.deformation", compare("deformation", 1e-4)),
             # Stored before the < 1e-3 cut, so entries near the cut compare like any other.

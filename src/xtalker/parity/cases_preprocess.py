@@ -8,10 +8,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from xtalker.align import align_face, coeff_rows, recon_input
-from xtalker.crop import CROP_OUTPUT_SIZE, apply_crop, crop_geometry, crop_info, resize_square
 from xtalker.models.face_3drecon import COEFF_SLICES
 from xtalker.parity.core import Case, Check, Context, exact, max_abs, max_rel
+from xtalker.preprocess.align import align_face, coeff_rows, recon_input
+from xtalker.preprocess.crop import CROP_OUTPUT_SIZE, apply_crop, crop_geometry, crop_info, resize_square
 
 QUAD_ATOL = 1e-9
 ALIGN_RTOL = 1e-6

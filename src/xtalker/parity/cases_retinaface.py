@@ -9,23 +9,22 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from xtalker.face_detect import (
+from xtalker.models.retinaface import FILE_NAME
+from xtalker.parity.cases_aux import aux_file
+from xtalker.parity.core import Case, Check, Context, exact, max_abs
+from xtalker.preprocess import FaceDetector, restore_helper_faces
+from xtalker.preprocess.face_detect import (
     CONF_THRESHOLD,
     EYE_DIST_THRESHOLD,
     NMS_THRESHOLD,
-    FaceDetector,
     box_ints,
     candidate_indices,
     decode,
     eye_distance,
     postprocess,
     priors,
-    restore_helper_faces,
     to_network_input,
 )
-from xtalker.models.retinaface import FILE_NAME
-from xtalker.parity.cases_aux import aux_file
-from xtalker.parity.core import Case, Check, Context, exact, max_abs
 
 OutputChecks = dict[str, Callable[[str], list[Check]]]
 

@@ -47,7 +47,7 @@ def check_precision(precision: str) -> str:
 def prepare_generator(generator: nn.Module, precision: str) -> nn.Module:
     """Set the generator's parts to `precision`, in place (one way: load a fresh generator for another).
 
-    "int8" leaves the generator float32: `xtalker.quantize` builds the int8 graph from it, which needs
+    "int8" leaves the generator float32: `xtalker.render.quantize` builds the int8 graph from it, which needs
     calibration inputs that only the caller has.
     """
     if check_precision(precision) == "bf16":

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from xtalker.checkpoints import load_network
-from xtalker.keypoints import transform_keypoints
 from xtalker.models.mapping import MappingNet
-from xtalker.precision import check_precision, generator_precision, prepare_generator
+from xtalker.render.keypoints import transform_keypoints
+from xtalker.render.precision import check_precision, generator_precision, prepare_generator
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,9 @@ class Renderer:
 
         `coeff_nc` (70 or 73) is what the preprocess mode needs; a mapping file of the other kind is then an
         error naming the file. Without it the file's own channel count is taken. `precision` ("fp32" or
-        "bf16") applies to the generator's per-frame work only (see `xtalker.precision`); the keypoint
+        "bf16") applies to the generator's per-frame work only (see `xtalker.render.precision`); the keypoint
         detector and the mapping net always run in float32. "int8" loads the generator in float32:
-        `xtalker.quantize` (through `pipeline.TalkingHead.quantize`) swaps in the compiled int8 one.
+        `xtalker.render.quantize` (through `pipeline.TalkingHead.quantize`) swaps in the compiled int8 one.
         """
         check_precision(precision)
         return cls(

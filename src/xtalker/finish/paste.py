@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from xtalker.crop import CropGeometry, CropInfo
+from xtalker.preprocess import CropGeometry, CropInfo
 
 
 @dataclass(frozen=True)

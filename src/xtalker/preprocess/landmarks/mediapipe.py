@@ -28,7 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from xtalker.landmarks import Face, LandmarkBackendError, check_image
+from xtalker.preprocess.landmarks.base import Face, LandmarkBackendError, check_image
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from xtalker.atomic import write_atomic
-from xtalker.jobs import jobs_root, new_job_id
-from xtalker.slots import CoreSlot, SlotError, pin_prefix, plan_slots
+from xtalker.parallel.jobs import jobs_root, new_job_id
+from xtalker.parallel.slots import CoreSlot, SlotError, pin_prefix, plan_slots
 
 
 class UsageError(Exception):

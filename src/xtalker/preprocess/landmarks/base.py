@@ -167,7 +167,7 @@ def check_image(image: np.ndarray) -> np.ndarray:
 register_backend(
     BackendSpec(
         name="mediapipe",
-        module="xtalker.landmarks_mediapipe",
+        module="xtalker.preprocess.landmarks.mediapipe",
         priority=0,
         description="MediaPipe face detector + 468-point mesh mapped to 68 points (models from pip packages)",
     )
@@ -175,7 +175,7 @@ register_backend(
 register_backend(
     BackendSpec(
         name="upstream",
-        module="xtalker.landmarks_upstream",
+        module="xtalker.preprocess.landmarks.upstream",
         priority=10,
         description="upstream SadTalker's RetinaFace R50 + AWing FAN (detection_Resnet50_Final.pth, alignment_WFLW_4HG.pth)",
     )

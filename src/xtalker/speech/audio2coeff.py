@@ -28,7 +28,7 @@ BLINK_MIN_FRAMES = 21  # clips of 20 frames or fewer get no blinks
 
 
 def windows_to_tensor(windows: np.ndarray) -> torch.Tensor:
-    """(T, 80, 16) mel windows from `xtalker.audio` -> network input (1, T, 1, 80, 16) float32."""
+    """(T, 80, 16) mel windows from `xtalker.speech.audio` -> network input (1, T, 1, 80, 16) float32."""
     return torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))[None, :, None]
 
 

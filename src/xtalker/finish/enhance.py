@@ -26,11 +26,7 @@ import numpy as np
 import torch
 
 from xtalker.checkpoints import CheckpointError
-from xtalker.models import auxfile
-from xtalker.models.gfpgan import FILE_NAME as GFPGAN_FILE
-from xtalker.models.parsenet import FILE_NAME as PARSENET_FILE
-from xtalker.models.retinaface import FILE_NAME as RETINAFACE_FILE
-from xtalker.restore import (
+from xtalker.finish.restore import (
     FACE_SIZE,
     FFHQ_TEMPLATE_512,
     align_affine,
@@ -41,9 +37,11 @@ from xtalker.restore import (
     warp_face,
     warp_mask,
 )
-from xtalker.restore import (
-    parse_mask as parse_classes_mask,
-)
+from xtalker.finish.restore import parse_mask as parse_classes_mask
+from xtalker.models import auxfile
+from xtalker.models.gfpgan import FILE_NAME as GFPGAN_FILE
+from xtalker.models.parsenet import FILE_NAME as PARSENET_FILE
+from xtalker.models.retinaface import FILE_NAME as RETINAFACE_FILE
 
 ENHANCERS = ("lightweight", "gfpgan")
 ALIGNS = ("source", "detect")
@@ -98,7 +96,7 @@ def check_weights(name: str | None, align: str, checkpoint_dir: Path) -> dict[st
 class Enhancer(Protocol):
     """Batch of RGB uint8 frames (n, h, w, 3) whose first is frame `first` of the video -> enhanced frames.
     Where it sits in the post-render chain (before or after paste-back, in the workers or the merge) and its
-    upscale are decided by `xtalker.finish` from the settings, before any enhancer is built."""
+    upscale are decided by `xtalker.finish.chain` from the settings, before any enhancer is built."""
 
     def __call__(self, frames: np.ndarray, first: int) -> np.ndarray: ...
 
@@ -223,8 +221,8 @@ class DetectingEnhancer:
     """Upstream's procedure per finished frame: RetinaFace, LMedS alignment, GFPGAN, ParseNet mask, paste."""
 
     def __init__(self, restorer: Restorer, detector_path: Path, parsenet_path: Path, precision: str = "fp32"):
-        from xtalker.face_detect import FaceDetector
         from xtalker.models.parsenet import load_parsenet
+        from xtalker.preprocess import FaceDetector
 
         self.restorer = restorer
         # Detection stays fp32: bf16 moves face scores across the 0.97 threshold (aux spec 6.5).
@@ -233,7 +231,7 @@ class DetectingEnhancer:
         self.precision = precision
 
     def faces(self, frames_bgr: Sequence[np.ndarray]) -> list[DetectedFaces]:
-        from xtalker.face_detect import restore_helper_faces
+        from xtalker.preprocess import restore_helper_faces
 
         found = []
         # detect_faces' and the restore helper's defaults are upstream's: score 0.97, NMS 0.4, eye distance 5 px.

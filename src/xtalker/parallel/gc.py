@@ -1,4 +1,4 @@
-"""Remove XTalker job folders: `python -m xtalker.gc [--all] [--older-than HOURS] [--dry-run] [--jobs-dir DIR]`.
+"""Remove XTalker job folders: `python -m xtalker.parallel.gc [--all] [--older-than HOURS] [--dry-run] [--jobs-dir DIR]`.
 
 Only folders directly under the jobs root whose job.json marks them as XTalker jobs are considered; links
 are never followed. By default a job goes once it has no live worker and is finished or older than 24 h;
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from xtalker.atomic import read_json
-from xtalker.jobs import Job, is_same_process, jobs_root, live_workers
+from xtalker.parallel.jobs import Job, is_same_process, jobs_root, live_workers
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from xtalker.face_detect import CONF_THRESHOLD, NMS_THRESHOLD, FaceDetector
-from xtalker.landmarks import Face, check_image
-from xtalker.landmarks_fan import FanLandmarks
 from xtalker.models.auxfile import locate, search_folders
 from xtalker.models.awing import FILE_NAME as FAN_FILE
 from xtalker.models.retinaface import FILE_NAME as DETECTOR_FILE
+from xtalker.preprocess.face_detect import CONF_THRESHOLD, NMS_THRESHOLD, FaceDetector
+from xtalker.preprocess.landmarks.base import Face, check_image
+from xtalker.preprocess.landmarks.fan import FanLandmarks
 
 MAX_FACES = 4  # FAN runs on the best detections only (upstream uses just the first); a crowd costs no more
 

@@ -1,6 +1,6 @@
 """One run split over processes: prepare once, render contiguous frame shards in workers, merge into one video.
 
-The stages communicate through a job folder (`xtalker.jobs`): `prepare` stores what every worker needs
+The stages communicate through a job folder (`xtalker.parallel.jobs`): `prepare` stores what every worker needs
 (driving coefficients, the renderer's source work, the audio, the paste target) in `inputs.npz` and the run's
 facts in `job.json`; each `render` worker writes its frames to `shards/shard_NNNN.npy` (atomically: a shard
 file exists only when complete, so a rerun skips it); `merge` streams the shards in order through aspect
@@ -25,9 +25,10 @@ import torch
 
 from xtalker.atomic import read_json, write_atomic, write_json_atomic
 from xtalker.config import InferenceConfig
-from xtalker.jobs import Job, job_header, jobs_root, new_job_id, record_worker
+from xtalker.finish import PasteTarget
 from xtalker.models.generator import SourceFeatures
-from xtalker.paste import PasteTarget
+from xtalker.parallel.jobs import Job, job_header, jobs_root, new_job_id, record_worker
+from xtalker.parallel.slots import pin_prefix, plan_slots
 from xtalker.pipeline import (
     PreparedRun,
     RunResult,
@@ -40,9 +41,7 @@ from xtalker.pipeline import (
     write_video,
 )
 from xtalker.profiling import Profiler
-from xtalker.render_inputs import DrivingSequence
-from xtalker.renderer import PreparedSource
-from xtalker.slots import pin_prefix, plan_slots
+from xtalker.render import DrivingSequence, PreparedSource
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from xtalker.enhance import UPSCALE, make_enhancer
-from xtalker.frames import resize_to_original, restored_size
-from xtalker.paste import Paster, PasteTarget
+from xtalker.finish.enhance import UPSCALE, make_enhancer
+from xtalker.finish.paste import Paster, PasteTarget
 from xtalker.profiling import Profiler
+from xtalker.render import resize_to_original, restored_size
 
 StageFn = Callable[[np.ndarray, int], np.ndarray]
 PARTS = ("all", "worker", "merge")

@@ -15,10 +15,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from xtalker.align import source_coefficients
-from xtalker.crop import CropGeometry, CropInfo, SourceCrop, apply_crop, crop_source, resize_square
-from xtalker.landmarks import LandmarkBackend, NoFaceError
 from xtalker.models.face_3drecon import ReconNet
+from xtalker.preprocess.align import source_coefficients
+from xtalker.preprocess.crop import CropGeometry, CropInfo, SourceCrop, apply_crop, crop_source, resize_square
+from xtalker.preprocess.landmarks.base import LandmarkBackend, NoFaceError
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Deterministic synthetic weights for the auxiliary networks (rule `sadtalker-synth-v1-aux`).
 
-Seeding and drawing are those of `sadtalker-synth-v1` (see `xtalker.synthetic`): per tensor, in sorted key order,
+Seeding and drawing are those of `sadtalker-synth-v1` (see `xtalker.synthetic.sadtalker`): per tensor, in sorted key order,
 a generator seeded from sha256(f"{F}:{path}") draws float64 values that are scaled into a range chosen by the
 tensor's role and cast to the official dtype. F is the official file name; path is the digest group
 ("params_ema/" for GFPGAN, "state_dict/" for AWing FAN, "" for the flat RetinaFace and ParseNet files) plus the
@@ -24,7 +24,7 @@ from xtalker.models.awing import FILE_NAME as AWING_FILE
 from xtalker.models.gfpgan import FILE_NAME as GFPGAN_FILE
 from xtalker.models.parsenet import FILE_NAME as PARSENET_FILE
 from xtalker.models.retinaface import FILE_NAME as RETINAFACE_FILE
-from xtalker.synthetic import content_digest, default_cache_dir, seed_for
+from xtalker.synthetic.sadtalker import content_digest, default_cache_dir, seed_for
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def default_aux_dir() -> Path:
 @functools.cache
 def aux_layout() -> dict[str, dict]:
     """Per official aux file: `top_key` (None when flat), `stored_key_prefix`, `digest`, key -> [shape, dtype]."""
-    with open(Path(__file__).parent / "data" / "aux_layout.json", encoding="utf-8") as f:
+    with open(Path(__file__).parents[1] / "data" / "aux_layout.json", encoding="utf-8") as f:
         return json.load(f)
 
 

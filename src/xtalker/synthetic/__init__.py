@@ -1,0 +1,19 @@
+"""Synthetic weights by the reference rules: meaningless pictures, exactly the real compute.
+
+In: a folder. Out: files in the official formats and layouts whose every tensor is drawn by rule, with content
+digests equal to the reference manifests, so tests and benchmarks run without the real weights.
+
+`sadtalker` writes the SadTalker files (rule sadtalker-synth-v1) into a shared cache; `auxiliary` the aux files
+(GFPGAN, RetinaFace, AWing FAN, ParseNet; rule sadtalker-synth-v1-aux) into a cache of their own.
+"""
+
+from xtalker.synthetic.auxiliary import default_aux_dir, ensure_aux
+from xtalker.synthetic.sadtalker import default_cache_dir, ensure_cached, is_synthetic_folder
+
+__all__ = [
+    "default_aux_dir",
+    "default_cache_dir",
+    "ensure_aux",
+    "ensure_cached",
+    "is_synthetic_folder",
+]
