@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,6 +173,21 @@ def test_stages_refuse_a_job_of_other_settings(single, synthetic_checkpoints, sp
     code = cli.main([*base, "--job", str(job), "--stage", "merge", "--shards", "1"])
     err = capsys.readouterr().err
     assert code == 1 and "shard(s) 0 of 1 are not rendered" in err and not (tmp_path / "x.mp4").exists()
+
+
+def test_input_files_count_by_content_not_path(synthetic_checkpoints, speech_clip, tmp_path, capsys):
+    """Render accepts the inputs at other paths (as on other machines); prepare refuses a rewritten input."""
+    audio = tmp_path / "speech.wav"
+    shutil.copy(speech_clip, audio)
+    job = tmp_path / "job"
+    base = flags(synthetic_checkpoints, audio, tmp_path / "x.mp4")
+    assert cli.main([*base, "--job", str(job), "--stage", "prepare"]) == 0
+    elsewhere = [tmp_path / "moved.wav" if a == str(audio) else a for a in base]
+    shutil.move(audio, elsewhere[1])
+    assert cli.main([*map(str, elsewhere), "--job", str(job), "--stage", "render", "--shard", "0", "--shards", "1"]) == 0
+    write_wav(audio, np.zeros(16000, np.float32))  # another clip at the original path
+    assert cli.main([*base, "--job", str(job), "--stage", "prepare"]) == 1
+    assert "prepared from other input files (driven_audio)" in capsys.readouterr().err
 
 
 def test_gfpgan_runs_in_the_workers_and_the_merge_pastes(enhancer_checkpoints, tmp_path):

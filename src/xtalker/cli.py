@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from xtalker.checkpoints import CheckpointError
     from xtalker.config import ConfigError
+    from xtalker.interrupt import TERMINATED_EXIT, Terminated, sigterm_as_interrupt
     from xtalker.media import MediaError
     from xtalker.parallel import JobError, SlotError
     from xtalker.pipeline import AudioTooShortError, default_output
@@ -301,9 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         if is_synthetic_folder(config.checkpoint_dir):
             log.warning("SYNTHETIC checkpoints in %s: the video shows meaningless pictures (real cost, fake weights). "
                         "Put the official SadTalker files there for real results.", config.checkpoint_dir)
-        result = _run(config, args, sys.argv[1:] if argv is None else argv)
+        with sigterm_as_interrupt():
+            result = _run(config, args, sys.argv[1:] if argv is None else argv)
     except expected as e:
         return _fail(str(e))
+    except Terminated:
+        return _fail("terminated (SIGTERM); no output was written; finished shards of a job are kept", TERMINATED_EXIT)
     except KeyboardInterrupt:
         return _fail("interrupted; no output was written", 130)
     except Exception as e:  # an internal error still gets one line unless --verbose

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -49,6 +50,9 @@ STAGES = ("prepare", "render", "merge")
 # Settings that do not change the video; anything else differing between stages means another run.
 # (blend and enhancer shape what heavy enhancers leave in the shards, so they count.)
 NOT_RENDERING = {"output", "result_dir", "report", "profile", "threads", "workers", "cache_dir", "seed"}
+# Input files count by content, not path: prepare reads them once, render and merge use what it stored (so they run
+# where the files are not, e.g. on other machines), and a file rewritten at the same path makes another run.
+INPUT_FILES = ("driven_audio", "source_image", "ref_eyeblink", "ref_pose")
 ANGLES = ("yaw", "pitch", "roll")
 
 
@@ -69,8 +73,21 @@ def settings_of(config: InferenceConfig) -> dict:
     return {
         k: (str(v) if isinstance(v, Path) else v)
         for k, v in dataclasses.asdict(config).items()
-        if k not in NOT_RENDERING
+        if k not in NOT_RENDERING and k not in INPUT_FILES
     }
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def input_digests(config: InferenceConfig) -> dict[str, str | None]:
+    """SHA-256 of each input file of the run (None where the flag is not given)."""
+    return {k: None if (p := getattr(config, k)) is None else file_digest(p) for k in INPUT_FILES}
 
 
 def _inputs_path(job: Job) -> Path:
@@ -96,6 +113,7 @@ def save_run(job: Job, run: PreparedRun, config: InferenceConfig, landmarks: str
         **job_header(),
         "prepared": True,
         "settings": settings_of(config),
+        "inputs": input_digests(config),
         "num_frames": run.num_frames,
         "seed": run.seed,
         "landmarks": landmarks,
@@ -149,7 +167,11 @@ def stage_prepare(config: InferenceConfig, job: Job) -> None:
     """
     Job.create(job.path)
     if _is_prepared(job):
-        _prepared_meta(job, config)
+        inputs = _prepared_meta(job, config).get("inputs")
+        if inputs != input_digests(config):
+            changed = [k for k in INPUT_FILES if (inputs or {}).get(k) != input_digests(config)[k]]
+            raise JobError(f"job {job.path} was prepared from other input files ({', '.join(changed)}); "
+                           "use a new job folder for new inputs")
         log.info("job %s: already prepared", job.path)
         return
     prof = Profiler()
@@ -260,20 +282,31 @@ def run_workers(config: InferenceConfig, argv: Sequence[str], workers: int, job_
     return result
 
 
+def _stop(procs: Iterable[subprocess.Popen]) -> None:
+    procs = list(procs)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait()
+
+
 def _wait_all(procs: dict[int, subprocess.Popen], job: Job) -> None:
-    """Wait for every worker; on the first failure stop the others (ours only) and say which shard failed."""
+    """Wait for every worker; on the first failure stop the others (ours only) and say which shard failed. Stopped
+    itself (Ctrl-C, SIGTERM), it stops its workers too: each removes its unfinished shard, finished ones stay."""
     pending = dict(procs)
-    while pending:
-        for i, proc in list(pending.items()):
-            code = proc.poll()
-            if code is None:
-                continue
-            del pending[i]
-            if code != 0:
-                for other in pending.values():
-                    other.terminate()
-                for other in pending.values():
-                    other.wait()
-                raise JobError(f"worker for shard {i} failed (exit {code}); log: {job.log_path(i)}; finished shards "
-                               f"are kept in {job.path}: add --job {job.path} to the same command to resume")
-        time.sleep(0.2)
+    try:
+        while pending:
+            for i, proc in list(pending.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                del pending[i]
+                if code != 0:
+                    _stop(pending.values())
+                    pending.clear()
+                    raise JobError(f"worker for shard {i} failed (exit {code}); log: {job.log_path(i)}; finished "
+                                   f"shards are kept in {job.path}: add --job {job.path} to the same command to resume")
+            time.sleep(0.2)
+    except BaseException:
+        _stop(pending.values())
+        raise
