@@ -38,10 +38,10 @@ def frames(path: Path) -> np.ndarray:
     return np.stack(list(iter_video_frames(path)[1]))
 
 
-def cli_video(ckpt: Path, image: Path, audio: Path, out: Path) -> np.ndarray:
-    subprocess.run([sys.executable, str(REPO / "inference.py"), "--source_image", str(image), "--driven_audio", str(audio),
-                    "--checkpoint_dir", str(ckpt), "--seed", "5", "--batch_size", "1", "--threads", "1",
-                    "--output", str(out)], check=True, capture_output=True)
+def cli_video(ckpt: Path, image: Path, audio: Path, out: Path, threads: int = 1) -> np.ndarray:
+    subprocess.run([sys.executable, str(REPO / "inference.py"), "--source_image", str(image),
+                    "--driven_audio", str(audio), "--checkpoint_dir", str(ckpt), "--seed", "5", "--batch_size", "1",
+                    "--threads", str(threads), "--output", str(out)], check=True, capture_output=True)
     return frames(out)
 
 
@@ -72,39 +72,48 @@ def made(tmp: Path, stage: str) -> int:
 
 
 def test_pyflyte_run_matches_the_cli_then_reuses_prepare(synthetic_checkpoints, clips, tmp_path):
-    """The README's command, offline in a fresh HOME: equal frames to `inference.py --threads 1`; an unchanged rerun
-    takes prepare from the cache, an input rewritten at the same path prepares again."""
-    audio = tmp_path / "speech.wav"
-    shutil.copy(clips[0], audio)
+    """The README's command, offline in a fresh HOME: equal frames to `inference.py --threads 1`; a rerun (here
+    with fewer shards, which do not change the video) takes prepare from the cache."""
     env = {**os.environ, "HOME": str(tmp_path / "home"), "TMPDIR": str(tmp_path / "tmp")}
     (tmp_path / "tmp").mkdir()
     command = [str(Path(sys.executable).parent / "pyflyte"), "run", str(REPO / "src/xtalker/parallel/flyte.py"),
-               "talking_head", "--source_image", str(PORTRAIT), "--driven_audio", str(audio),
-               "--checkpoint_dir", str(synthetic_checkpoints), "--seed", "5", "--batch_size", "1", "--threads", "1",
-               "--shards", "2"]
+               "talking_head", "--source_image", str(PORTRAIT), "--driven_audio", str(clips[0]),
+               "--checkpoint_dir", str(synthetic_checkpoints), "--seed", "5", "--batch_size", "1", "--threads", "1"]
 
-    def run() -> Path:
-        result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=tmp_path, check=False)
+    def run(shards: int) -> Path:
+        result = subprocess.run([*command, "--shards", str(shards)], env=env, capture_output=True, text=True,
+                                cwd=tmp_path, check=False)
         assert result.returncode == 0, result.stderr[-3000:]
         return Path(result.stdout.strip().splitlines()[-1])
 
-    video = run()
-    assert np.array_equal(frames(video), cli_video(synthetic_checkpoints, PORTRAIT, audio, tmp_path / "cli.mp4"))
+    expected = cli_video(synthetic_checkpoints, PORTRAIT, clips[0], tmp_path / "cli.mp4")
+    assert np.array_equal(frames(run(2)), expected)
     assert made(tmp_path / "tmp", "prepare") == 1 and made(tmp_path / "tmp", "render-*") == 2
-    run()
-    assert made(tmp_path / "tmp", "prepare") == 1  # cache hit on the fingerprint
-    shutil.copy(clips[1], audio)  # same path, other content
-    rewritten = run()
-    assert made(tmp_path / "tmp", "prepare") == 2
-    assert np.array_equal(frames(rewritten), cli_video(synthetic_checkpoints, PORTRAIT, audio, tmp_path / "cli2.mp4"))
+    assert np.array_equal(frames(run(1)), expected)
+    assert made(tmp_path / "tmp", "prepare") == 1 and made(tmp_path / "tmp", "render-*") == 3  # prepare: cache hit
+
+
+def test_fingerprint_follows_content_not_paths(clips, tmp_path, local_flyte):
+    """prepare is cached on this key alone: a file rewritten at the same path is another key, a copy elsewhere
+    the same one."""
+    audio = tmp_path / "speech.wav"
+    shutil.copy(clips[0], audio)
+
+    def key(path: Path, settings: str = '{"seed": 1}') -> str:
+        return flyte.fingerprint(source_image=str(PORTRAIT), driven_audio=str(path), settings=settings)
+
+    first = key(audio)
+    assert key(clips[0]) == first and key(audio, '{"seed": 2}') != first
+    shutil.copy(clips[1], audio)
+    assert key(audio) != first
 
 
 def test_batch_renders_every_pair_in_one_map(synthetic_checkpoints, clips, local_flyte, tmp_path):
     videos = flyte.talking_heads(source_images=[str(PORTRAIT)] * 2, driven_audios=[str(c) for c in clips],
-                                 checkpoint_dir=str(synthetic_checkpoints), **OPTIONS)
-    assert len(videos) == 2 and made(local_flyte, "render-*") == 4
+                                 checkpoint_dir=str(synthetic_checkpoints), **{**OPTIONS, "threads": 2, "shards": 1})
+    assert len(videos) == 2 and made(local_flyte, "render-*") == 2
     for i, (video, clip) in enumerate(zip(videos, clips)):
-        expected = cli_video(synthetic_checkpoints, PORTRAIT, clip, tmp_path / f"cli{i}.mp4")
+        expected = cli_video(synthetic_checkpoints, PORTRAIT, clip, tmp_path / f"cli{i}.mp4", threads=2)
         assert np.array_equal(frames(Path(video.path)), expected)
 
 
@@ -145,8 +154,8 @@ def test_serialized_workflows_carry_resources_cache_retries_and_maps():
     render = tasks["render"]
     resources = render.container.resources
     assert {r.name: r.value for r in resources.requests} == {r.name: r.value for r in resources.limits}
-    names = ResourceSpec.ResourceName
-    assert {(r.name, r.value) for r in resources.requests} == {(names.CPU, str(flyte.THREADS)), (names.MEMORY, flyte.MEMORY)}
+    cpu, memory = ResourceSpec.ResourceName.CPU, ResourceSpec.ResourceName.MEMORY
+    assert {(r.name, r.value) for r in resources.requests} == {(cpu, str(flyte.THREADS)), (memory, flyte.MEMORY)}
     assert render.metadata.retries.retries == flyte.RETRIES
 
     prepare = tasks["prepare"]

@@ -271,7 +271,8 @@ def talking_heads(
                  expression_scale=expression_scale, precision=precision, batch_size=batch_size, enhancer=enhancer,
                  enhance_align=enhance_align, blend=blend, landmarks=landmarks, seed=seed, threads=threads)
     pairs = pair(source_images=source_images, driven_audios=driven_audios, settings=s)
-    keys = map_task(fingerprint)(source_image=pairs.source_image, driven_audio=pairs.driven_audio, settings=pairs.settings)
+    keys = map_task(fingerprint)(source_image=pairs.source_image, driven_audio=pairs.driven_audio,
+                                 settings=pairs.settings)
     jobs = map_task(prepare)(key=keys, settings=pairs.settings, source_image=pairs.source_image,
                              driven_audio=pairs.driven_audio)
     p = plan(jobs=jobs, shards=shards, settings=s)
