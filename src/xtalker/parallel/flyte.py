@@ -47,12 +47,12 @@ from xtalker.config import InferenceConfig
 from xtalker.finish import check_weights
 from xtalker.interrupt import sigterm_as_interrupt
 from xtalker.parallel.jobs import Job
-from xtalker.parallel.stages import INPUT_FILES, file_digest, settings_of, stage_merge, stage_prepare, stage_render
+from xtalker.parallel.stages import file_digest, settings_of, stage_merge, stage_prepare, stage_render
 
 log = logging.getLogger(__name__)
 
 THREADS = int(os.environ.get("XTALKER_FLYTE_THREADS", "4"))
-MEMORY = os.environ.get("XTALKER_FLYTE_MEMORY", "4Gi")
+MEMORY = os.environ.get("XTALKER_FLYTE_MEMORY", "6Gi")  # 512 renders peak at 4.5 GB (README)
 RETRIES = 2
 # Cached prepare outputs are valid for one XTalker version; the version is part of the fingerprint too.
 CACHE = Cache(version=f"xtalker-{__version__}-1", ignored_inputs=("source_image", "driven_audio"))
@@ -64,8 +64,7 @@ def _config(settings: str, **paths: Path) -> InferenceConfig:
     use what prepare stored, wherever the files are."""
     values = json.loads(settings)
     values["checkpoint_dir"] = Path(values["checkpoint_dir"])
-    placeholders = {k: Path("-") for k in INPUT_FILES if k in ("driven_audio", "source_image")}
-    return dataclasses.replace(InferenceConfig(**placeholders, **values), **paths)
+    return dataclasses.replace(InferenceConfig(driven_audio=Path("-"), source_image=Path("-"), **values), **paths)
 
 
 @contextmanager
@@ -120,7 +119,7 @@ def settings(
         seed=seed if seed is not None else random.SystemRandom().randrange(2**31),
     )
     config.validate()
-    find_checkpoints(config.checkpoint_dir, config.size)
+    find_checkpoints(config.checkpoint_dir, config.size, config.preprocess)
     check_weights(config.enhancer, config.enhance_align, config.checkpoint_dir)
     values = {**settings_of(config), "seed": config.seed, "threads": threads}
     log.info("settings: %s", values)
