@@ -111,8 +111,9 @@ def test_batch_of_two_equals_single_runs_in_fp32_under_autocast(fan):
     assert both.boundaries.shape == (2, 3, 64, 64)
     for i, single in enumerate(singles):
         assert single.heatmaps.dtype == torch.float32
-        torch.testing.assert_close(both.heatmaps[i : i + 1], single.heatmaps, atol=1e-4, rtol=0)
-        torch.testing.assert_close(both.boundaries[i : i + 1], single.boundaries, atol=1e-4, rtol=0)
+        # fp32 sums in another order per batch size grow with the value (1.02e-4 at 4.8 seen on this machine)
+        torch.testing.assert_close(both.heatmaps[i : i + 1], single.heatmaps, atol=1e-4, rtol=5e-5)
+        torch.testing.assert_close(both.boundaries[i : i + 1], single.boundaries, atol=1e-4, rtol=5e-5)
         np.testing.assert_array_equal(both.argmax[i], single.argmax[0])
         np.testing.assert_array_equal(both.lm68_image[i], single.lm68_image[0])
     assert both.crops_rgb_u8[1].shape == (270, 230, 3)
