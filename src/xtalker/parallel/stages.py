@@ -167,9 +167,9 @@ def stage_prepare(config: InferenceConfig, job: Job) -> None:
     """
     Job.create(job.path)
     if _is_prepared(job):
-        inputs = _prepared_meta(job, config).get("inputs")
-        if inputs != input_digests(config):
-            changed = [k for k in INPUT_FILES if (inputs or {}).get(k) != input_digests(config)[k]]
+        recorded, current = _prepared_meta(job, config).get("inputs") or {}, input_digests(config)
+        if recorded != current:
+            changed = [k for k in INPUT_FILES if recorded.get(k) != current[k]]
             raise JobError(f"job {job.path} was prepared from other input files ({', '.join(changed)}); "
                            "use a new job folder for new inputs")
         log.info("job %s: already prepared", job.path)
