@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import wave
 from pathlib import Path
 
@@ -63,3 +64,19 @@ def golden() -> Path:
     if not path.is_dir():
         pytest.skip(f"reference golden folder {path} not present (set XTALKER_GOLDEN_DIR)")
     return path
+
+
+@pytest.fixture
+def local_flyte(tmp_path, monkeypatch):
+    """Flyte's local execution with an isolated cache and temp folder (yielded); torch's thread count restored
+    afterwards (tasks set it)."""
+    torch = pytest.importorskip("torch")
+    local_cache = pytest.importorskip("flytekit.core.local_cache")
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(local_cache, "CACHE_LOCATION", str(tmp_path / "cache"))
+    monkeypatch.setattr(local_cache.LocalTaskCache, "_initialized", False)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    yield tmp
+    torch.set_num_threads(threads)

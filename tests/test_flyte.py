@@ -9,19 +9,16 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import write_wav
 
 from xtalker.media import iter_video_frames, load_audio
 
 flytekit = pytest.importorskip("flytekit", reason="the flyte extra is not installed (pip install -e '.[flyte]')")
 from flytekit.configuration import Image, ImageConfig, SerializationSettings  # noqa: E402
-from flytekit.core import local_cache  # noqa: E402
 from flytekit.models.task import Resources as ResourceSpec  # noqa: E402
 from flytekit.tools.translator import get_serializable  # noqa: E402
 
@@ -43,19 +40,6 @@ def cli_video(ckpt: Path, image: Path, audio: Path, out: Path, threads: int = 1)
                     "--driven_audio", str(audio), "--checkpoint_dir", str(ckpt), "--seed", "5", "--batch_size", "1",
                     "--threads", str(threads), "--output", str(out)], check=True, capture_output=True)
     return frames(out)
-
-
-@pytest.fixture
-def local_flyte(tmp_path, monkeypatch):
-    """An isolated local cache and temp folder; torch's thread count restored afterwards (tasks set it)."""
-    threads = torch.get_num_threads()
-    monkeypatch.setattr(local_cache, "CACHE_LOCATION", str(tmp_path / "cache"))
-    monkeypatch.setattr(local_cache.LocalTaskCache, "_initialized", False)
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    yield tmp
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from conftest import write_wav
 
 from xtalker.config import InferenceConfig
 from xtalker.media import VideoWriter, iter_video_frames, load_audio, probe
-from xtalker.pipeline import TalkingHead, generate
+from xtalker.pipeline import generate
+from xtalker.warm import Networks
 
 REPO = Path(__file__).resolve().parents[1]
 PORTRAIT = REPO / "examples" / "source_image" / "astronaut.png"
@@ -32,15 +33,15 @@ def clip(tmp_path: Path, speech: np.ndarray, frames: int, extra: int = 300) -> P
 
 
 @pytest.fixture(scope="module")
-def head_crop(synthetic_checkpoints) -> TalkingHead:
-    config = InferenceConfig(driven_audio=SPEECH, source_image=PORTRAIT, checkpoint_dir=synthetic_checkpoints)
-    return TalkingHead.from_config(config)
+def warm() -> Networks:
+    """Networks shared by this module's runs (loaded once, as the Python API keeps them)."""
+    return Networks()
 
 
-def run(tmp_path: Path, ckpt: Path, audio: Path, head: TalkingHead | None = None, **kw) -> tuple:
+def run(tmp_path: Path, ckpt: Path, audio: Path, networks: Networks | None = None, **kw) -> tuple:
     config = InferenceConfig(driven_audio=audio, source_image=kw.pop("source_image", PORTRAIT), checkpoint_dir=ckpt,
                              output=tmp_path / kw.pop("name", "out.mp4"), seed=kw.pop("seed", 7), **kw)
-    result = generate(config, head)
+    result = generate(config, networks)
     return result, probe(result.output)
 
 
@@ -53,9 +54,9 @@ def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           timeout=900, cwd=cwd)
 
 
-def test_crop_256_video_has_the_upstream_shape(tmp_path, speech, synthetic_checkpoints, head_crop):
+def test_crop_256_video_has_the_upstream_shape(tmp_path, speech, synthetic_checkpoints, warm):
     audio = clip(tmp_path, speech, frames=4)
-    result, info = run(tmp_path, synthetic_checkpoints, audio, head_crop, batch_size=3)
+    result, info = run(tmp_path, synthetic_checkpoints, audio, warm, batch_size=3)
     assert result.output.is_file()
     assert (info.video_streams, info.audio_streams) == (1, 1)
     assert info.fps == 25
@@ -68,29 +69,29 @@ def test_crop_256_video_has_the_upstream_shape(tmp_path, speech, synthetic_check
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-def test_same_seed_same_video_bit_for_bit(tmp_path, speech, synthetic_checkpoints, head_crop):
+def test_same_seed_same_video_bit_for_bit(tmp_path, speech, synthetic_checkpoints, warm):
     audio = clip(tmp_path, speech, frames=2)
-    a, _ = run(tmp_path, synthetic_checkpoints, audio, head_crop, name="a.mp4", seed=3)
+    a, _ = run(tmp_path, synthetic_checkpoints, audio, warm, name="a.mp4", seed=3)
     b, _ = run(tmp_path, synthetic_checkpoints, audio, None, name="b.mp4", seed=3)  # fresh networks too
     assert a.output.read_bytes() == b.output.read_bytes()
-    c, _ = run(tmp_path, synthetic_checkpoints, audio, head_crop, name="c.mp4", seed=4)
+    c, _ = run(tmp_path, synthetic_checkpoints, audio, warm, name="c.mp4", seed=4)
     assert a.output.read_bytes() != c.output.read_bytes()
 
 
-def test_lightweight_enhancer_sharpens_the_frames(tmp_path, speech, synthetic_checkpoints, head_crop):
+def test_lightweight_enhancer_sharpens_the_frames(tmp_path, speech, synthetic_checkpoints, warm):
     audio = clip(tmp_path, speech, frames=2)
-    plain, _ = run(tmp_path, synthetic_checkpoints, audio, head_crop, name="plain.mp4")
-    sharp, _ = run(tmp_path, synthetic_checkpoints, audio, head_crop, name="sharp.mp4", enhancer="lightweight")
+    plain, _ = run(tmp_path, synthetic_checkpoints, audio, warm, name="plain.mp4")
+    sharp, _ = run(tmp_path, synthetic_checkpoints, audio, warm, name="sharp.mp4", enhancer="lightweight")
     detail = [cv2.Laplacian(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var() for f in
               (frames_of(plain.output)[0], frames_of(sharp.output)[0])]
     assert detail[1] > 1.2 * detail[0] and "enhance" in sharp.profile.as_dict()["stages_s"]
 
 
 def test_gfpgan_enhancer_doubles_the_video_and_restores_the_face(tmp_path, speech, synthetic_checkpoints,
-                                                                 enhancer_checkpoints, head_crop):
+                                                                 enhancer_checkpoints, warm):
     audio = clip(tmp_path, speech, frames=2)
-    plain, _ = run(tmp_path, synthetic_checkpoints, audio, head_crop, name="plain.mp4")
-    enhanced, info = run(tmp_path, enhancer_checkpoints, audio, head_crop, name="gfpgan.mp4", enhancer="gfpgan")
+    plain, _ = run(tmp_path, synthetic_checkpoints, audio, warm, name="plain.mp4")
+    enhanced, info = run(tmp_path, enhancer_checkpoints, audio, warm, name="gfpgan.mp4", enhancer="gfpgan")
     w, h = plain.size_wh
     assert enhanced.size_wh == (2 * w, 2 * h) and info.frame_count == 2
     assert enhanced.profile.seconds["enhance"] > 0
@@ -157,9 +158,9 @@ def test_other_preprocess_modes(tmp_path, speech, synthetic_checkpoints, mode, s
     assert (info.width, info.height) == size_wh and info.frame_count == 1
 
 
-def test_bf16_renders_close_to_fp32(tmp_path, speech, synthetic_checkpoints, head_crop):
+def test_bf16_renders_close_to_fp32(tmp_path, speech, synthetic_checkpoints, warm):
     audio = clip(tmp_path, speech, frames=2)
-    fp32, _ = run(tmp_path, synthetic_checkpoints, audio, head_crop, name="fp32.mp4")
+    fp32, _ = run(tmp_path, synthetic_checkpoints, audio, warm, name="fp32.mp4")
     bf16, info = run(tmp_path, synthetic_checkpoints, audio, name="bf16.mp4", precision="bf16")
     assert info.frame_count == 2
     a, b = frames_of(fp32.output).astype(np.float64), frames_of(bf16.output).astype(np.float64)
@@ -175,15 +176,15 @@ def test_512_renders_at_512(tmp_path, speech, synthetic_checkpoints):
     assert info.width == 512 and info.frame_count == 1
 
 
-def test_reference_videos_drive_blinks_and_pose(tmp_path, speech, synthetic_checkpoints, head_crop):
+def test_reference_videos_drive_blinks_and_pose(tmp_path, speech, synthetic_checkpoints, warm):
     portrait = cv2.cvtColor(cv2.imread(str(PORTRAIT)), cv2.COLOR_BGR2RGB)
     ref = tmp_path / "ref.mp4"
     with VideoWriter(ref) as writer:
         for dx in range(5):
             writer.write(np.roll(portrait, 2 * dx, axis=1))
     audio = clip(tmp_path, speech, frames=2)
-    plain, _ = run(tmp_path, synthetic_checkpoints, audio, head_crop, name="plain.mp4")
-    driven, info = run(tmp_path, synthetic_checkpoints, audio, head_crop, name="ref.mp4", ref_eyeblink=ref, ref_pose=ref)
+    plain, _ = run(tmp_path, synthetic_checkpoints, audio, warm, name="plain.mp4")
+    driven, info = run(tmp_path, synthetic_checkpoints, audio, warm, name="ref.mp4", ref_eyeblink=ref, ref_pose=ref)
     assert info.frame_count == 2
     assert not np.array_equal(frames_of(plain.output), frames_of(driven.output))
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import write_wav
@@ -99,3 +100,32 @@ def test_int8_without_a_quantization_library_says_what_to_install(tmp_path, synt
     err = capsys.readouterr().err
     assert code == 1 and not out.exists()
     assert err.count("\n") == 1 and "neural-compressor" in err and err.startswith("error: ")
+
+
+def test_flyte_ships_the_graph_to_every_shard(int8_head, synthetic_checkpoints, int8_cache, local_flyte, monkeypatch,
+                                             tmp_path):
+    """The Flyte workflow at int8: prepare loads the graph from the pod's cache and each render task loads the job
+    folder's copy; nothing is rebuilt, and the video equals the CLI's (same threads: the graph is built for them)."""
+    flyte = pytest.importorskip("xtalker.parallel.flyte", reason="the flyte extra is not installed")
+    from xtalker.media import iter_video_frames
+
+    def rebuilt(*args, **kwargs):
+        raise AssertionError("the int8 graph was rebuilt")
+
+    threads = torch.get_num_threads()  # the fixture's graph was built for this count
+    wav = write_wav(tmp_path / "four_frames.wav", load_audio(CALIBRATION_SPEECH)[4000 : 4000 + 4 * 640 + 100])
+    out = tmp_path / "cli.mp4"
+    subprocess.run([sys.executable, str(REPO / "inference.py"), "--driven_audio", str(wav), "--source_image",
+                    str(PORTRAIT), "--checkpoint_dir", str(synthetic_checkpoints), "--precision", "int8",
+                    "--cache_dir", str(int8_cache), "--output", str(out), "--seed", "5", "--batch_size", "1",
+                    "--threads", str(threads)], check=True, capture_output=True)
+    monkeypatch.setenv("XTALKER_CACHE_DIR", str(int8_cache))
+    monkeypatch.setattr(quantize, "_build", rebuilt)
+    video = flyte.talking_head(source_image=str(PORTRAIT), driven_audio=str(wav), precision="int8",
+                               checkpoint_dir=str(synthetic_checkpoints), seed=5, batch_size=1, threads=threads,
+                               shards=2)
+    graph = int8_head.int8.path
+    shipped = sorted(p.name for p in local_flyte.glob("xtalker-render-*/*/compiled/*"))
+    assert shipped == sorted([graph.name, graph.with_suffix(".json").name] * 2)
+    got, expected = (np.stack(list(iter_video_frames(p)[1])) for p in (Path(video.path), out))
+    assert np.array_equal(got, expected)

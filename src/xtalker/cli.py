@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import platform
 import sys
 from pathlib import Path
 
 from xtalker import __version__
 from xtalker.config import NUM_POSE_STYLES, PRECISIONS, SIZES, InferenceConfig
-from xtalker.finish import ALIGNS, BLENDS, check_weights
+from xtalker.finish import ALIGNS, BLENDS
 from xtalker.preprocess import PREPROCESS_MODES
 
 log = logging.getLogger("xtalker")
@@ -169,20 +168,6 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def _check_writable(path: Path, what: str) -> str | None:
-    """Problem with writing `path` (its folder is created if missing), or None."""
-    folder = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        return f"{what} {path} is a folder; give a file path"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return f"cannot create the folder for {what} {path}: {e.strerror or e}"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"cannot write {what} {path}: folder {folder} is not writable"
-    return None
-
-
 def write_report(path: Path, result, config: InferenceConfig) -> None:
     import torch
 
@@ -242,9 +227,20 @@ def _run(config: InferenceConfig, args: argparse.Namespace, argv: list[str]):
     return parallel.stage_merge(config, job, args.shards, config.output)
 
 
+# `xtalker NAME ...`: the commands beside the drop-in flags (each module has its own `main(argv)`).
+SUBCOMMANDS = {"batch": "xtalker.serve.batch", "doctor": "xtalker.serve.doctor", "ui": "xtalker.serve.ui"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        import importlib
+
+        return importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from xtalker import logs
+
+    logs.configure(args.verbose)
     from xtalker.presets import PresetError, describe, load_presets
 
     if args.list_presets:
@@ -274,37 +270,19 @@ def main(argv: list[str] | None = None) -> int:
     except PresetError as e:
         return _fail(str(e), 2)
 
-    from xtalker.checkpoints import CheckpointError
-    from xtalker.config import ConfigError
+    from xtalker.api import USER_ERRORS
     from xtalker.interrupt import TERMINATED_EXIT, Terminated, sigterm_as_interrupt
-    from xtalker.media import MediaError
-    from xtalker.parallel import JobError, SlotError
-    from xtalker.pipeline import AudioTooShortError, default_output
-    from xtalker.preprocess import LandmarkBackendError, NoFaceError, SourceError
-    from xtalker.render import QuantizationUnavailableError, check_available
+    from xtalker.pipeline import check_run
     from xtalker.synthetic import is_synthetic_folder
 
-    expected = (CheckpointError, ConfigError, LandmarkBackendError, NoFaceError, MediaError, SourceError, AudioTooShortError,
-                QuantizationUnavailableError, JobError, SlotError)
     try:
-        config.validate()
-        if config.precision == "int8":
-            check_available()
-        check_weights(config.enhancer, config.enhance_align, config.checkpoint_dir)
-        for path, what in ((config.driven_audio, "driven audio"), (config.source_image, "source image"),
-                           (config.ref_eyeblink, "--ref_eyeblink video"), (config.ref_pose, "--ref_pose video")):
-            if path is not None and not path.is_file():
-                return _fail(f"{what} not found: {path}")
-        config.output = config.output or default_output(config)
-        for path, what in ((config.output, "output"), (config.report, "report")):
-            if path is not None and (problem := _check_writable(path, what)):
-                return _fail(problem)
+        check_run(config)
         if is_synthetic_folder(config.checkpoint_dir):
             log.warning("SYNTHETIC checkpoints in %s: the video shows meaningless pictures (real cost, fake weights). "
                         "Put the official SadTalker files there for real results.", config.checkpoint_dir)
         with sigterm_as_interrupt():
-            result = _run(config, args, sys.argv[1:] if argv is None else argv)
-    except expected as e:
+            result = _run(config, args, argv)
+    except USER_ERRORS as e:
         return _fail(str(e))
     except Terminated:
         return _fail("terminated (SIGTERM); no output was written; finished shards of a job are kept", TERMINATED_EXIT)

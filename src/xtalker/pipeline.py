@@ -8,18 +8,19 @@ uint8 -> aspect restore / paste-back -> encoder, so memory does not grow with th
 from __future__ import annotations
 
 import logging
+import os
 import random
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from xtalker.checkpoints import CheckpointPaths, find_checkpoints, load_network
-from xtalker.config import FPS, InferenceConfig
+from xtalker.config import FPS, ConfigError, InferenceConfig
 from xtalker.finish import Finisher, FinishSettings, PasteTarget, check_weights, five_points, paste_target
 from xtalker.media import VideoWriter, load_audio
 from xtalker.preprocess import LandmarkBackend, PreparedFace, get_backend, prepare_source, video_coefficients
@@ -31,6 +32,7 @@ from xtalker.render import (
     Int8Settings,
     PreparedSource,
     Renderer,
+    check_available,
     driving_sequence,
     quantize_generator,
     record_calibration,
@@ -48,6 +50,7 @@ from xtalker.speech import (
     num_video_frames,
     windows_to_tensor,
 )
+from xtalker.warm import HEADS, Networks, shared
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ SAMPLES_PER_FRAME = 640  # 16 kHz / 25 fps
 CALIBRATION_PORTRAIT = Path(__file__).parent / "data" / "calibration" / "portrait.png"
 CALIBRATION_SPEECH = Path(__file__).parent / "data" / "calibration" / "speech.wav"
 CALIBRATION_FRAMES = 8
+Progress = Callable[[int, int], None]  # (frames written, frames in the video)
 
 
 class AudioTooShortError(ValueError):
@@ -229,11 +233,11 @@ class PreparedRun:
     face_points: np.ndarray  # (5, 2) eye centres, nose, mouth corners of the source face in the rendered frame
 
 
-def load_head(config: InferenceConfig, head: TalkingHead | None, prof: Profiler) -> TalkingHead:
-    """The networks for `config` (the given head when it serves it), int8 graph included."""
+def load_head(config: InferenceConfig, prof: Profiler) -> TalkingHead:
+    """The networks for `config` (from the active `xtalker.warm.Networks` when it holds them), int8 graph included."""
     with prof.stage("load models"):
-        if head is None or not head.serves(config):
-            head = TalkingHead.from_config(config)
+        key = (Setting.of(config), config.landmarks, str(config.checkpoint_dir))
+        head = shared(HEADS, key, lambda: TalkingHead.from_config(config))
     if config.precision == "int8":
         with prof.stage("int8 graph"):
             info = head.quantize()
@@ -302,13 +306,14 @@ def finisher(run: PreparedRun, config: InferenceConfig, part: str = "all") -> Fi
 
 def write_video(
     run: PreparedRun, batches: Iterable[np.ndarray], output: Path, prof: Profiler, finish: Finisher,
+    progress: Progress | None = None,
 ) -> tuple[int, int]:
     """Uint8 batches, in order -> the rest of the post-render chain -> one H.264 + AAC encode; returns (w, h)."""
     size_wh = (0, 0)
     first = 0
     with VideoWriter(output, fps=FPS, audio=run.wav) as writer, tqdm(
         total=run.num_frames, unit="frame", desc="rendering", disable=None, leave=False
-    ) as progress:
+    ) as bar:
         for frames in batches:
             frames = finish(frames, first, prof)
             with prof.stage("encode"):
@@ -316,18 +321,55 @@ def write_video(
                     writer.write(frame)
             size_wh = (frames.shape[2], frames.shape[1])
             first += len(frames)
-            progress.update(len(frames))
+            bar.update(len(frames))
+            if progress is not None:
+                progress(first, run.num_frames)
         with prof.stage("encode"):
             writer.close()
     return size_wh
+
+
+def _writable_problem(path: Path, what: str) -> str | None:
+    """Why `path` cannot be written (its folder is created if missing), or None."""
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        return f"{what} {path} is a folder; give a file path"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the folder for {what} {path}: {e.strerror or e}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"cannot write {what} {path}: folder {folder} is not writable"
+    return None
+
+
+def check_run(config: InferenceConfig) -> None:
+    """Everything that can be checked before any work, one clear error each: the settings, int8's prerequisites,
+    the enhancer's weights, the input files, where the video goes (chosen here when not given)."""
+    config.validate()
+    if config.precision == "int8":
+        check_available()
+    check_weights(config.enhancer, config.enhance_align, config.checkpoint_dir)
+    for path, what in ((config.driven_audio, "driven audio"), (config.source_image, "source image"),
+                       (config.ref_eyeblink, "--ref_eyeblink video"), (config.ref_pose, "--ref_pose video")):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{what} not found: {path}")
+    config.output = config.output or default_output(config)
+    for path, what in ((config.output, "output"), (config.report, "report")):
+        if path is not None and (problem := _writable_problem(Path(path), what)):
+            raise ConfigError(problem)
 
 
 def run_seed(config: InferenceConfig) -> int:
     return config.seed if config.seed is not None else random.SystemRandom().randrange(2**31)
 
 
-def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunResult:
-    """Run one portrait + audio -> mp4. Raises clear errors for bad inputs before any output exists."""
+def generate(config: InferenceConfig, networks: Networks | None = None, progress: Progress | None = None) -> RunResult:
+    """Run one portrait + audio -> mp4. Raises clear errors for bad inputs before any output exists.
+
+    `networks`: loaded networks to reuse (and keep what this run loads); `progress(done, total)` is called with
+    the frames written so far, and may raise to stop the run (nothing is left behind).
+    """
     config.validate()
     prof = Profiler()
     seed = run_seed(config)
@@ -335,12 +377,16 @@ def generate(config: InferenceConfig, head: TalkingHead | None = None) -> RunRes
         torch.set_num_threads(config.threads)
     output = config.output or default_output(config)
     check_weights(config.enhancer, config.enhance_align, config.checkpoint_dir)
-    wav = load_speech(config, prof)
-    head = load_head(config, head, prof)
-    run = prepare_run(config, head, wav, seed, prof)
-    finish = finisher(run, config)
-    frames = render_frames(head, run, 0, run.num_frames, config.batch_size, prof)
-    size_wh = write_video(run, frames, output, prof, finish)
+    networks = networks if networks is not None else Networks()
+    with networks.active():
+        wav = load_speech(config, prof)
+        head = load_head(config, prof)
+        run = prepare_run(config, head, wav, seed, prof)
+        with prof.stage("load models"):
+            finish = finisher(run, config)
+        frames = render_frames(head, run, 0, run.num_frames, config.batch_size, prof)
+        size_wh = write_video(run, frames, output, prof, finish, progress)
+    prof.loaded = networks.take_loaded()
     return RunResult(
         output=output, frames=run.num_frames, size_wh=size_wh, seed=seed, landmarks=head.landmarks.name, profile=prof,
         int8=head.int8,

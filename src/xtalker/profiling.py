@@ -15,6 +15,7 @@ STAGES = ("load models", "preprocess", "audio", "audio2coeff", "render", "enhanc
 class Profiler:
     seconds: dict[str, float] = field(default_factory=dict)
     frames: int = 0
+    loaded: list[str] = field(default_factory=list)  # networks this run loaded (none when all were warm)
     _start: float = field(default_factory=time.perf_counter)
 
     @contextmanager
@@ -39,6 +40,7 @@ class Profiler:
             "frames": self.frames,
             "frames_per_s": round(self.frames / total, 4) if total > 0 else 0.0,
             "render_s_per_frame": round(render / self.frames, 4) if self.frames else 0.0,
+            "loaded": list(self.loaded),
         }
 
     def table(self) -> str:
@@ -48,5 +50,6 @@ class Profiler:
         for name, sec in d["stages_s"].items():
             lines.append(f"{name:<14}{sec:>10.2f}{100 * sec / total:>7.1f}%")
         lines.append(f"{'total':<14}{total:>10.2f}")
+        lines.append(f"networks loaded: {', '.join(self.loaded) or 'none (all warm)'}")
         lines.append(f"{d['frames']} frames, {d['frames_per_s']:.3f} frames/s overall, {d['render_s_per_frame']:.3f} s/frame rendering")
         return "\n".join(lines)

@@ -42,6 +42,7 @@ from xtalker.models import auxfile
 from xtalker.models.gfpgan import FILE_NAME as GFPGAN_FILE
 from xtalker.models.parsenet import FILE_NAME as PARSENET_FILE
 from xtalker.models.retinaface import FILE_NAME as RETINAFACE_FILE
+from xtalker.warm import file_key, shared
 
 ENHANCERS = ("lightweight", "gfpgan")
 ALIGNS = ("source", "detect")
@@ -124,7 +125,7 @@ class Restorer:
     def __init__(self, path: Path, precision: str = "fp32", seed: int = 0):
         from xtalker.models.gfpgan import load_gfpgan
 
-        self.net = load_gfpgan(path)
+        self.net = shared("gfpgan", file_key(path), lambda: load_gfpgan(path))
         self.precision, self.seed = precision, seed
 
     def __call__(self, crops: np.ndarray, keys: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -226,8 +227,8 @@ class DetectingEnhancer:
 
         self.restorer = restorer
         # Detection stays fp32: bf16 moves face scores across the 0.97 threshold (aux spec 6.5).
-        self.detector = FaceDetector.from_file(detector_path)
-        self.parsenet = load_parsenet(parsenet_path)
+        self.detector = shared("retinaface", file_key(detector_path), lambda: FaceDetector.from_file(detector_path))
+        self.parsenet = shared("parsenet", file_key(parsenet_path), lambda: load_parsenet(parsenet_path))
         self.precision = precision
 
     def faces(self, frames_bgr: Sequence[np.ndarray]) -> list[DetectedFaces]:

@@ -11,7 +11,8 @@ graph: the shards of all videos are one map, so a cluster renders them all at on
 The tasks call the same stage functions as `--workers` and the slot script (`xtalker.parallel.stages`). Each task
 works in a folder of its own and never writes into an input folder: locally, Flyte hands tasks the producer's
 folder itself, and a cached output changed in place would poison later runs. The int8 graph is compiled once, in
-prepare, into the job folder that every render task receives. Checkpoints are read from `checkpoint_dir`, a path
+prepare, into the pod's compiled cache (`$XTALKER_CACHE_DIR`: a shared volume or the image lets later videos load
+it), and copied into the job folder that every render task receives. Checkpoints are read from `checkpoint_dir`, a path
 every pod can read (baked into the image or mounted), never uploaded.
 
 Pod size is fixed when the workflow is registered (Flyte resources are static): `XTALKER_FLYTE_THREADS` CPUs
@@ -48,6 +49,7 @@ from xtalker.finish import check_weights
 from xtalker.interrupt import sigterm_as_interrupt
 from xtalker.parallel.jobs import Job
 from xtalker.parallel.stages import file_digest, settings_of, stage_merge, stage_prepare, stage_render
+from xtalker.render.quantize import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,11 @@ def _job_copy(job: FlyteDirectory, prefix: str) -> tuple[Job, Path]:
     local = Job.create(work / source.name)
     shutil.copy2(source / "job.json", local.meta)
     (local.path / "inputs.npz").symlink_to(source / "inputs.npz")
-    if (source / "compiled").is_dir():  # copied: a rebuild on another CPU must not write into the input
-        shutil.copytree(source / "compiled", local.path / "compiled")
+    if (source / "compiled").is_dir():
+        # Linked file by file: a rebuild (another CPU) writes a new file here, never into the input folder.
+        (local.path / "compiled").mkdir()
+        for graph in (source / "compiled").iterdir():
+            (local.path / "compiled" / graph.name).symlink_to(graph)
     return local, work
 
 
@@ -140,13 +145,18 @@ def fingerprint(source_image: FlyteFile, driven_audio: FlyteFile, settings: str)
 
 @task(cache=CACHE)
 def prepare(key: str, settings: str, source_image: FlyteFile, driven_audio: FlyteFile) -> FlyteDirectory:
-    """Crop, 3DMM coefficients, driving coefficients, the renderer's source work (and the int8 graph): once per key."""
+    """Crop, 3DMM coefficients, driving coefficients, the renderer's source work: once per key. int8: the graph is
+    loaded from (or built once into) the pod's compiled cache, and a copy goes into the job folder."""
     work = _workdir("prepare")
     job = Job(work / f"job-{key[:16]}")
     config = _config(settings, source_image=Path(source_image.download()), driven_audio=Path(driven_audio.download()),
-                     cache_dir=job.path / "compiled")
+                     cache_dir=default_cache_dir())
     with _task_run(config):
-        stage_prepare(config, job)
+        graph = stage_prepare(config, job)
+    if graph is not None:  # only this graph travels to the render tasks, not the whole cache
+        (job.path / "compiled").mkdir()
+        for path in (graph, graph.with_suffix(".json")):
+            shutil.copy2(path, job.path / "compiled" / path.name)
     return FlyteDirectory(str(job.path))
 
 

@@ -160,10 +160,11 @@ def _prepared_meta(job: Job, config: InferenceConfig) -> dict:
     return meta
 
 
-def stage_prepare(config: InferenceConfig, job: Job) -> None:
+def stage_prepare(config: InferenceConfig, job: Job) -> Path | None:
     """Compute the run's inputs once (skipped when the job is already prepared with these settings).
 
-    For int8 this also builds the compiled graph into the cache, so that the workers only load it.
+    For int8 this also builds the compiled graph into the cache, so that the workers only load it, and returns
+    the graph's file (None otherwise, and when the job was already prepared).
     """
     Job.create(job.path)
     if _is_prepared(job):
@@ -173,12 +174,13 @@ def stage_prepare(config: InferenceConfig, job: Job) -> None:
             raise JobError(f"job {job.path} was prepared from other input files ({', '.join(changed)}); "
                            "use a new job folder for new inputs")
         log.info("job %s: already prepared", job.path)
-        return
+        return None
     prof = Profiler()
     wav = load_speech(config, prof)
-    head = load_head(config, None, prof)
+    head = load_head(config, prof)
     save_run(job, prepare_run(config, head, wav, run_seed(config), prof), config, head.landmarks.name)
     log.info("job %s: prepared (%s)", job.path, prof.as_dict()["stages_s"])
+    return head.int8.path if head.int8 is not None else None
 
 
 def stage_render(config: InferenceConfig, job: Job, shard: int, shards: int) -> None:
@@ -193,7 +195,7 @@ def stage_render(config: InferenceConfig, job: Job, shard: int, shards: int) -> 
     record_worker(job, shard)
     start, stop = shard_ranges(run.num_frames, shards, config.batch_size)[shard]
     prof = Profiler()
-    head = load_head(config, None, prof)
+    head = load_head(config, prof)
     finish = finisher(run, config, "worker")
 
     def write(tmp: Path) -> None:

@@ -1,8 +1,8 @@
 """5-point alignment to 224 and the per-image 3DMM coefficient row (spec A5, A6; Deep3DFaceRecon convention).
 
 The landmarks are flipped to y-up, reduced to 5 points, fitted to a standard 3D face with a
-least-squares similarity (POS), and the image is scaled and cut to 224x224 with PIL bicubic so the face
-recon network sees a normalised face. The dtypes follow upstream (float32 landmarks, float64 fit and
+least-squares similarity (POS), and the image is scaled and cut to 224x224 with Pillow 13's bicubic (reimplemented
+in `resample.py`, so any Pillow gives the same pixels) so the face recon network sees a normalised face. The dtypes follow upstream (float32 landmarks, float64 fit and
 transform, float32 coefficient row) so every value matches the reference.
 """
 
@@ -13,9 +13,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from xtalker.models.face_3drecon import ReconNet, split_coeff
+from xtalker.preprocess.resample import resize_bicubic
 
 TARGET_SIZE = 224
 RESCALE_FACTOR = 102.0
@@ -100,9 +100,18 @@ def _resize_and_crop(
     h = int(h0 * s)
     left = int(w / 2 - target_size / 2 + float((t[0] - w0 / 2) * s))
     up = int(h / 2 - target_size / 2 + float((h0 / 2 - t[1]) * s))
-    pil = Image.fromarray(image).resize((w, h), resample=Image.BICUBIC)
-    aligned = np.asarray(pil.crop((left, up, left + target_size, up + target_size)))
+    aligned = _cut(resize_bicubic(image, (w, h)), left, up, target_size)
     return aligned, _to_aligned(lm, w0, h0, s, t, target_size)
+
+
+def _cut(image: np.ndarray, left: int, up: int, size: int) -> np.ndarray:
+    """The size x size window at (left, up), zeros where it leaves the image (as PIL's crop fills)."""
+    out = np.zeros((size, size, *image.shape[2:]), image.dtype)
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = max(left, 0), max(up, 0), min(left + size, w), min(up + size, h)
+    if x1 > x0 and y1 > y0:
+        out[y0 - up : y1 - up, x0 - left : x1 - left] = image[y0:y1, x0:x1]
+    return out
 
 
 def _aligned_offset(w0: int, h0: int, s: float, target_size: int) -> np.ndarray:

@@ -1,0 +1,230 @@
+"""`xtalker-ui` / `python app.py`: a Gradio page over one warm `XTalker`, and its `/generate` HTTP API.
+
+Picture (upload or webcam) + speech (upload or microphone) + the CLI's per-video settings -> the video, the seed
+used and the per-stage timings. One render at a time (a bounded queue shows each waiting request its place), a
+progress bar in frames, a cancel button, the bundled example one click away, bad input shown as its one-line
+message. Serves on 127.0.0.1 unless told otherwise; makes no network calls (analytics and hub telemetry off).
+Needs the `ui` extra (`pip install -e ".[ui]"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Before gradio is imported: nothing of this page may reach the network.
+OFFLINE = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+PACKAGED_EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "calibration"
+NO_PRESET = "(none)"
+DEFAULT = "(preset's)"
+
+
+class Cancelled(Exception):
+    """The page's Cancel button stopped this render."""
+
+
+def _examples() -> list[list[str]]:
+    """The demo portrait + clip (from a checkout, else the copies packaged for int8 calibration)."""
+    pairs = [(EXAMPLES / "source_image" / "astronaut.png", EXAMPLES / "driven_audio" / "hello.wav"),
+             (PACKAGED_EXAMPLES / "portrait.png", PACKAGED_EXAMPLES / "speech.wav")]
+    return [[str(p), str(a)] for p, a in pairs if p.is_file() and a.is_file()][:1]
+
+
+def timings_markdown(video) -> str:
+    """The per-stage timings of a result as a small Markdown table."""
+    stages = {k: v for k, v in video.profile["stages_s"].items() if v > 0}
+    rows = "\n".join(f"| {name} | {sec:.2f} |" for name, sec in stages.items())
+    loaded = ", ".join(video.loaded) or "none (all warm)"
+    return (f"| stage | seconds |\n| --- | ---: |\n{rows}\n| **total** | **{video.seconds:.2f}** |\n\n"
+            f"{video.frames} frames, {video.profile['render_s_per_frame']:.2f} s/frame rendering; "
+            f"networks loaded: {loaded}")
+
+
+class Page:
+    """The page's behaviour, apart from its layout: one XTalker, per-session cancel flags, an output folder."""
+
+    def __init__(self, xt, output_dir: Path):
+        self.xt = xt
+        self.output_dir = output_dir
+        self._cancel: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def _flag(self, session: str) -> threading.Event:
+        with self._lock:
+            return self._cancel.setdefault(session, threading.Event())
+
+    def cancel(self, session: str) -> None:
+        self._flag(session).set()
+
+    def generate(self, source_image: str | None, driven_audio: str | None, preset: str, size: int, preprocess: str,
+                 still: bool, pose_style: int, expression_scale: float, enhancer: str, blend: str,
+                 seed: float | None = -1, batch_size: float | None = 0, session: str = "", progress=None
+                 ) -> tuple[str, int, str]:
+        """The page's Generate: (video path, seed used, timings). Raises `ValueError` subclasses with the message
+        to show for bad input."""
+        from xtalker.config import ConfigError
+
+        if not source_image:
+            raise ConfigError("no source image: upload a portrait (or take one with the webcam)")
+        if not driven_audio:
+            raise ConfigError("no driven audio: upload a speech clip (or record one with the microphone)")
+        options: dict[str, Any] = {"size": int(size), "preprocess": preprocess, "still": bool(still),
+                                   "pose_style": int(pose_style), "expression_scale": float(expression_scale)}
+        if enhancer and enhancer != "none":
+            options["enhancer"] = enhancer
+        if blend and blend != DEFAULT:
+            options["blend"] = blend
+        if seed is not None and int(seed) >= 0:
+            options["seed"] = int(seed)
+        if batch_size is not None and int(batch_size) > 0:
+            options["batch_size"] = int(batch_size)
+        flag = self._flag(session)
+        flag.clear()
+
+        def on_frames(done: int, total: int) -> None:
+            if flag.is_set():
+                raise Cancelled("cancelled")
+            if progress is not None:
+                progress((done, total), desc="rendering", unit="frames")
+
+        output = self.output_dir / f"xtalker-{uuid.uuid4().hex[:12]}.mp4"
+        video = self.xt.generate(source_image, driven_audio, output, progress=on_frames,
+                                 preset=None if preset in (NO_PRESET, "", None) else preset, **options)
+        return str(video.output), video.seed, timings_markdown(video)
+
+
+def build(xt, output_dir: Path, max_queue: int = 8):
+    """The Gradio Blocks page over `xt`."""
+    for key, value in OFFLINE.items():
+        os.environ.setdefault(key, value)
+    import gradio as gr
+
+    from xtalker.api import USER_ERRORS
+    from xtalker.config import NUM_POSE_STYLES, SIZES
+    from xtalker.finish import BLENDS
+    from xtalker.finish.enhance import ENHANCERS
+    from xtalker.preprocess import PREPROCESS_MODES
+    from xtalker.presets import load_presets
+
+    page = Page(xt, output_dir)
+    presets = [NO_PRESET, *load_presets()]
+
+    def generate(source_image, driven_audio, preset, size, preprocess, still, pose_style, expression_scale,
+                 enhancer, blend, seed, batch_size, request: gr.Request, progress=gr.Progress()):
+        session = getattr(request, "session_hash", None) or ""
+        try:
+            return page.generate(source_image, driven_audio, preset, size, preprocess, still, pose_style,
+                                 expression_scale, enhancer, blend, seed, batch_size, session, progress)
+        except Cancelled:
+            raise gr.Error("Cancelled: no video was written.") from None
+        except USER_ERRORS as e:
+            raise gr.Error(str(e)) from None
+        except Exception as e:  # never a traceback on the page
+            log.exception("generate failed")
+            raise gr.Error(f"internal error ({type(e).__name__}: {e}); see the server's log") from None
+
+    def cancel(request: gr.Request):
+        page.cancel(getattr(request, "session_hash", None) or "")
+
+    with gr.Blocks(title="XTalker") as demo:
+        gr.Markdown("# XTalker\nOne portrait + speech -> a talking-head video (SadTalker's networks, on this CPU).")
+        if xt.synthetic:
+            gr.Markdown("**SYNTHETIC checkpoints in use**: the videos show meaningless pictures (real cost, fake "
+                        "weights). Put the official SadTalker files in the checkpoint folder for real results.",
+                        elem_id="synthetic-banner")
+        with gr.Row():
+            with gr.Column():
+                source_image = gr.Image(label="source image", type="filepath", sources=["upload", "webcam"],
+                                        elem_id="source_image")
+                driven_audio = gr.Audio(label="driven audio", type="filepath", sources=["upload", "microphone"],
+                                        elem_id="driven_audio")
+                preset = gr.Dropdown(presets, value=xt.preset or NO_PRESET, label="preset", elem_id="preset")
+                with gr.Row():
+                    size = gr.Radio(list(SIZES), value=256, label="size")
+                    preprocess = gr.Dropdown(list(PREPROCESS_MODES), value="crop", label="preprocess")
+                with gr.Row():
+                    still = gr.Checkbox(value=False, label="still (keep the source pose)")
+                    enhancer = gr.Dropdown(["none", *ENHANCERS], value="none", label="enhancer")
+                    blend = gr.Dropdown([DEFAULT, *BLENDS], value=DEFAULT, label="blend (full modes)")
+                pose_style = gr.Slider(0, NUM_POSE_STYLES - 1, value=0, step=1, label="pose style")
+                expression_scale = gr.Slider(0.0, 3.0, value=1.0, step=0.1, label="expression scale")
+                with gr.Row():
+                    seed = gr.Number(value=-1, precision=0, label="seed (-1: random)", elem_id="seed")
+                    batch_size = gr.Number(value=0, precision=0, minimum=0, label="batch size (0: the preset's)")
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Cancel", elem_id="cancel")
+            with gr.Column():
+                video = gr.Video(label="video", elem_id="video")
+                used_seed = gr.Number(label="seed used", precision=0, interactive=False, elem_id="used_seed")
+                timings = gr.Markdown(elem_id="timings")
+        gr.Examples(_examples(), inputs=[source_image, driven_audio], label="example (click to load)")
+        event = run.click(generate, [source_image, driven_audio, preset, size, preprocess, still, pose_style,
+                                     expression_scale, enhancer, blend, seed, batch_size],
+                          [video, used_seed, timings], api_name="generate", concurrency_limit=1)
+        stop.click(cancel, None, None, cancels=[event], queue=False, api_name=False)
+    demo.queue(max_size=max_queue, default_concurrency_limit=1)
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xtalker-ui", description="XTalker's web page (Gradio) with warm networks.")
+    p.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints"), help="folder with the SadTalker files")
+    p.add_argument("--preset", default=None, help="the preset chosen when the page opens (configs/presets.yaml)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    p.add_argument("--max_queue", type=int, default=8, help="requests waiting at most; more are refused")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
+    p.add_argument("--cache_dir", type=Path, default=None, help="where compiled int8 graphs are kept")
+    p.add_argument("--verbose", action="store_true", help="log everything, third-party warnings included")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for key, value in OFFLINE.items():
+        os.environ.setdefault(key, value)
+    from xtalker import logs
+
+    logs.configure(args.verbose)
+    try:
+        import gradio  # noqa: F401
+    except ModuleNotFoundError:
+        sys.stderr.write('error: the web UI needs the ui extra: pip install -e ".[ui]"\n')
+        return 1
+    from xtalker.api import USER_ERRORS, XTalker
+
+    options = {k: v for k, v in (("threads", args.threads), ("cache_dir", args.cache_dir)) if v is not None}
+    try:
+        xt = XTalker(args.checkpoint_dir, preset=args.preset, **options)
+    except USER_ERRORS as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    output_dir = Path(tempfile.mkdtemp(prefix="xtalker-ui-"))
+    demo = build(xt, output_dir, args.max_queue)
+    try:
+        _, url, share_url = demo.launch(server_name=args.host, server_port=args.port, share=args.share, quiet=True,
+                                        ssr_mode=False, footer_links=["api"], prevent_thread_lock=True)
+    except OSError as e:
+        sys.stderr.write(f"error: cannot serve on {args.host}:{args.port} ({e}); pass another --port\n")
+        return 1
+    sys.stdout.write(f"XTalker UI on {url}" + (f" and {share_url}" if share_url else "") + " (Ctrl-C stops it)\n")
+    sys.stdout.flush()
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.close()
+    return 0
