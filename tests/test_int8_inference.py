@@ -78,6 +78,8 @@ def test_second_run_loads_the_compiled_graph(int8_head, synthetic_checkpoints, i
     assert data["settings"]["precision"] == "int8" and data["frames"] == 2
     assert "int8 graph" in data["profile"]["stages_s"] and out.stat().st_size > 0
     assert "quantizing and compiling" not in proc.stderr
+    # Quiet by default: torch's FutureWarnings and torchao's "no triton" stay out; only XTalker's own lines.
+    assert all(line.startswith("WARNING xtalker") for line in proc.stderr.splitlines()), proc.stderr
 
 
 def test_int8_with_no_compile_is_refused(tmp_path, synthetic_checkpoints, capsys):

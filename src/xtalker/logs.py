@@ -8,7 +8,11 @@ entry point (CLI, batch, UI, doctor) calls `configure` once.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 FORMAT = "%(levelname)s %(name)s: %(message)s"
 # Libraries that attach handlers of their own, so a filter on the root handler does not reach them.
@@ -41,3 +45,21 @@ def configure(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module=r"xtalker(\.|$)")
+
+
+@contextmanager
+def native_quiet() -> Iterator[None]:
+    """Silence what native code writes to stderr in this block (TFLite's "Created XNNPACK delegate" line), unless
+    logging is at DEBUG (--verbose)."""
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

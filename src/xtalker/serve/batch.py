@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 ALIASES = {"source": "source_image", "audio": "driven_audio", "image": "source_image"}
 REQUIRED = ("source_image", "driven_audio")
-TRUE, FALSE = {"1", "true", "yes", "y", "on"}, {"0", "false", "no", "n", "off", ""}
+TRUE, FALSE = {"1", "true", "yes", "y", "on"}, {"0", "false", "no", "n", "off"}
 
 
 class ListError(ValueError):
@@ -64,7 +64,7 @@ def _converters() -> dict[str, str]:
 
 
 def _convert(name: str, value: Any, kind: str, folder: Path) -> Any:
-    if value is None or (isinstance(value, str) and value.strip() == "" and kind != "bool"):
+    if value is None or (isinstance(value, str) and value.strip() == ""):  # unset: the command line's value holds
         return None
     text = value.strip() if isinstance(value, str) else value
     try:

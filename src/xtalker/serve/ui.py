@@ -126,12 +126,15 @@ def build(xt, output_dir: Path, max_queue: int = 8):
             return page.generate(source_image, driven_audio, preset, size, preprocess, still, pose_style,
                                  expression_scale, enhancer, blend, seed, batch_size, session, progress)
         except Cancelled:
-            raise gr.Error("Cancelled: no video was written.") from None
+            log.warning("request cancelled")
+            raise gr.Error("Cancelled: no video was written.", print_exception=False) from None
         except USER_ERRORS as e:
-            raise gr.Error(str(e)) from None
-        except Exception as e:  # never a traceback on the page
+            log.warning("request refused: %s", e)
+            raise gr.Error(str(e), print_exception=False) from None
+        except Exception as e:  # never a traceback on the page; the server's log keeps it
             log.exception("generate failed")
-            raise gr.Error(f"internal error ({type(e).__name__}: {e}); see the server's log") from None
+            raise gr.Error(f"internal error ({type(e).__name__}: {e}); see the server's log",
+                           print_exception=False) from None
 
     def cancel(request: gr.Request):
         page.cancel(getattr(request, "session_hash", None) or "")

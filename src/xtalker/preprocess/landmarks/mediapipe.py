@@ -28,6 +28,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from xtalker.logs import native_quiet
 from xtalker.preprocess.landmarks.base import Face, LandmarkBackendError, check_image
 
 log = logging.getLogger(__name__)
@@ -246,8 +247,9 @@ class _Model:
     """One TFLite interpreter with a single float input, loaded once."""
 
     def __init__(self, interpreter_cls: Any, path: Path, threads: int) -> None:
-        self._interpreter = interpreter_cls(model_path=str(path), num_threads=threads)
-        self._interpreter.allocate_tensors()
+        with native_quiet():
+            self._interpreter = interpreter_cls(model_path=str(path), num_threads=threads)
+            self._interpreter.allocate_tensors()
         self._input = self._interpreter.get_input_details()[0]["index"]
         self._outputs = [d["index"] for d in self._interpreter.get_output_details()]
 
