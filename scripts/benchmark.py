@@ -6,6 +6,7 @@
     python scripts/benchmark.py enhance [--frames 4]
     python scripts/benchmark.py landmarks [--repeats 3]
     python scripts/benchmark.py parallel [--frames 24] [--precision bf16] [--checkpoint_dir C]
+    python scripts/benchmark.py serve [--videos 10] [--frames 4] [--precision bf16] [--checkpoint_dir C]
 
 speed: the same driving inputs (from the bundled example) through each renderer configuration, each in a
   fresh process: seconds per frame, speedup against the fp32 eager batch-2 baseline with upstream's work
@@ -16,6 +17,10 @@ speed: the same driving inputs (from the bundled example) through each renderer 
 
 parallel: whole CLI runs (fresh processes) over a grid of core slots x threads per slot, with
   `--workers` for more than one slot: wall time and speedup against one process using every core.
+
+serve: many short videos, as upstream's users make them (a shell loop of `inference.py` runs, each loading
+  every network) against `xtalker batch` over the same list (one load): wall time of each, seconds of
+  overhead per video, and what each batch video loaded.
 
 memory: peak resident memory of whole runs in fresh processes, for clips of several lengths.
   * real: the full pipeline, networks included (fp32 rendering is slow, so these clips are short);
@@ -631,6 +636,49 @@ def parallel(args: argparse.Namespace) -> None:
     _write_results("parallel", {"machine": machine, "rows": rows}, "\n".join(lines) + "\n")
 
 
+def serve(args: argparse.Namespace) -> None:
+    """N videos as N CLI processes, then as one `xtalker batch` list: wall time each, same inputs and seeds."""
+    import torch
+
+    from xtalker.synthetic import default_cache_dir, ensure_cached
+
+    if args.checkpoint_dir is None:
+        args.checkpoint_dir = ensure_cached(default_cache_dir())
+    common = ["--checkpoint_dir", str(args.checkpoint_dir), "--precision", args.precision]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        audio = _speech_of_length(args.frames / 25, folder)
+        start = time.perf_counter()
+        for i in range(args.videos):
+            subprocess.run([sys.executable, str(REPO / "inference.py"), "--driven_audio", str(audio), "--source_image",
+                            str(PORTRAIT), "--output", str(folder / f"cli{i}.mp4"), "--seed", str(i), *common],
+                           capture_output=True, check=True)
+        loop_s = time.perf_counter() - start
+        listing = folder / "videos.csv"
+        listing.write_text("source_image,driven_audio,output,seed\n" + "".join(
+            f"{PORTRAIT},{audio},{folder / f'batch{i}.mp4'},{i}\n" for i in range(args.videos)))
+        start = time.perf_counter()
+        subprocess.run([sys.executable, str(REPO / "inference.py"), "batch", str(listing), "--report",
+                        str(folder / "batch.json"), *common], capture_output=True, check=True)
+        batch_s = time.perf_counter() - start
+        report = json.loads((folder / "batch.json").read_text())
+    per_video = [v["seconds"] for v in report["videos"]]
+    machine = {"cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__}
+    data = {"machine": machine, "videos": args.videos, "frames": args.frames, "precision": args.precision,
+            "cli_loop_s": round(loop_s, 1), "batch_s": round(batch_s, 1), "speedup": round(loop_s / batch_s, 2),
+            "batch_load_s": report["load_s"], "batch_video_s": per_video,
+            "batch_loaded": [v["loaded"] for v in report["videos"]]}
+    lines = [f"{args.videos} videos of {args.frames} frames at 256, {args.precision}, {machine['cpu']} "
+             f"({machine['cores']} cores), torch {machine['torch']}, synthetic weights.", "",
+             "| how | wall (s) | per video (s) | speedup |", "| --- | ---: | ---: | ---: |",
+             f"| `inference.py` in a loop (loads every network per video) | {loop_s:.1f} | {loop_s / args.videos:.1f} | 1.00x |",
+             f"| `xtalker batch` (one load: {report['load_s']:.1f} s) | {batch_s:.1f} | {batch_s / args.videos:.1f} | "
+             f"{loop_s / batch_s:.2f}x |", "",
+             f"Batch videos after the load: {min(per_video):.1f}-{max(per_video):.1f} s each, networks loaded per "
+             f"video: {sorted({len(v) for v in data['batch_loaded']})} (0 = all warm)."]
+    _write_results("serve", data, "\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="suite", required=True)
@@ -655,6 +703,11 @@ def main() -> None:
     par.add_argument("--checkpoint_dir", type=Path, default=None, help="default: synthetic checkpoints in the cache")
     par.add_argument("--frames", type=int, default=24, help="clip length in frames")
     par.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "int8"))
+    srv = sub.add_parser("serve", help="N videos: a loop of CLI runs against one xtalker batch")
+    srv.add_argument("--checkpoint_dir", type=Path, default=None, help="default: synthetic checkpoints in the cache")
+    srv.add_argument("--videos", type=int, default=10)
+    srv.add_argument("--frames", type=int, default=4, help="frames per video")
+    srv.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "int8"))
     sp1 = sub.add_parser("_speed", help=argparse.SUPPRESS)
     sp1.add_argument("--config", choices=list(SPEED_CONFIGS), required=True)
     sp1.add_argument("--inputs", type=Path, required=True)
@@ -669,7 +722,7 @@ def main() -> None:
     one.add_argument("--batch_size", type=int, default=2)
     args = parser.parse_args()
     suites = {"memory": memory, "speed": speed, "parallel": parallel, "blend": blend, "enhance": enhance,
-              "landmarks": landmarks}
+              "landmarks": landmarks, "serve": serve}
     children = {"_speed": _speed_one, "_one": _measure_one}  # fresh-process measurements, JSON on stdout
     if args.suite in suites:
         suites[args.suite](args)
