@@ -94,3 +94,9 @@ def test_a_progress_callback_sees_frames_and_can_stop_the_run(xt, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         xt.generate(PORTRAIT, audio, tmp_path / "stopped.mp4", progress=stop)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.mp4", "speech_4.wav"]
+
+
+def test_default_outputs_never_overwrite(xt, tmp_path):
+    audio = speech_clip(tmp_path, 1)
+    videos = [xt.generate(PORTRAIT, audio, result_dir=tmp_path / "results").output for _ in range(2)]
+    assert videos[0] != videos[1] and all(v.is_file() and v.parent == tmp_path / "results" for v in videos)

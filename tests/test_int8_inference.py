@@ -131,3 +131,9 @@ def test_flyte_ships_the_graph_to_every_shard(int8_head, synthetic_checkpoints, 
     assert shipped == sorted([graph.name, graph.with_suffix(".json").name] * 2)
     got, expected = (np.stack(list(iter_video_frames(p)[1])) for p in (Path(video.path), out))
     assert np.array_equal(got, expected)
+
+
+def test_a_head_knows_whether_its_graph_is_cached(int8_head, synthetic_checkpoints, tmp_path):
+    """What `xtalker doctor --quick` asks before measuring int8: load (seconds) or build (minutes)?"""
+    empty_cache = TalkingHead.from_config(config(synthetic_checkpoints, tmp_path, precision="int8"))
+    assert int8_head.int8_cached() and not empty_cache.int8_cached()

@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="inference.py",
         description="XTalker: one portrait + speech -> talking-head video (SadTalker-compatible).",
+        epilog="commands: `xtalker batch LIST` (many videos, one model load), `xtalker doctor` (what this machine "
+               "can do), `xtalker ui` (the web page; also xtalker-ui / python app.py)",
     )
     up = p.add_argument_group("SadTalker flags")
     up.add_argument("--driven_audio", type=Path, default=None, help="speech: wav, mp3, flac, ogg, m4a or a video's audio track")
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="face enhancer: gfpgan (GFPGAN v1.4, output twice the size, needs GFPGANv1.4.pth) or lightweight "
                          "(unsharp mask, no weights)")
     up.add_argument("--background_enhancer", type=str, default=None, help="background enhancer (realesrgan): not available yet")
-    up.add_argument("--cpu", action="store_true", help="run on the CPU (XTalker always does)")
+    up.add_argument("--cpu", action="store_true", help="run on the CPU (the same as --device cpu)")
     up.add_argument("--face3dvis", action="store_true", help="not available")
     up.add_argument("--still", action="store_true", help="keep the source head pose (recommended with --preprocess full)")
     up.add_argument("--preprocess", default="crop", choices=PREPROCESS_MODES, help="how the source picture is cropped")
@@ -69,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--landmarks", default="auto", help="face landmark backend: upstream (RetinaFace + AWing FAN, needs their files), mediapipe (offline); "
                            "auto (default) picks upstream when its files are present")
     ours.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
-    ours.add_argument("--precision", choices=PRECISIONS, default=None, help="renderer precision (default fp32)")
+    ours.add_argument("--precision", choices=PRECISIONS, default=None,
+                      help="renderer precision (default fp32); fp16 on CUDA only, int8 on the CPU only")
+    ours.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                      help="render the next batch while the last is finished and encoded (default: on a GPU only)")
+    ours.add_argument("--device", default=None,
+                      help="auto (default: the first CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     ours.add_argument("--blend", choices=BLENDS, default=None,
                       help="paste-back blend of the full modes: seamless (upstream, Poisson), alpha, feather, gaussian")
     ours.add_argument("--enhance_align", choices=ALIGNS, default="source",
@@ -100,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Built-in defaults of the settings a preset may set; used when neither a flag nor the preset gives one.
-PRESETTABLE_DEFAULTS = {"precision": "fp32", "batch_size": 2, "threads": None, "workers": 1, "blend": "seamless", "enhancer": None}
+PRESETTABLE_DEFAULTS = {"precision": "fp32", "batch_size": 2, "threads": None, "workers": 1, "blend": "seamless", "enhancer": None,
+                        "device": "auto"}
 
 
 def resolve_presettable(args: argparse.Namespace) -> dict[str, object]:
@@ -132,6 +140,8 @@ def config_from_args(args: argparse.Namespace) -> InferenceConfig:
         pose_style=args.pose_style,
         batch_size=chosen["batch_size"],
         precision=chosen["precision"],
+        device="cpu" if args.cpu else chosen["device"],
+        overlap=args.overlap,
         expression_scale=args.expression_scale,
         input_yaw=args.input_yaw,
         input_pitch=args.input_pitch,
@@ -263,8 +273,6 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(e), 2)
     if args.backend == "ipex" and (problem := ipex_unavailable()):
         return _fail(problem, 2)
-    if args.cpu:
-        log.info("--cpu: XTalker runs on the CPU in any case")
     try:
         config = config_from_args(args)
     except PresetError as e:

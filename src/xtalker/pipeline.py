@@ -21,8 +21,10 @@ from tqdm import tqdm
 
 from xtalker.checkpoints import CheckpointPaths, find_checkpoints, load_network
 from xtalker.config import FPS, ConfigError, InferenceConfig
+from xtalker.device import resolve_device
 from xtalker.finish import Finisher, FinishSettings, PasteTarget, check_weights, five_points, paste_target
 from xtalker.media import VideoWriter, load_audio
+from xtalker.overlap import ahead
 from xtalker.preprocess import LandmarkBackend, PreparedFace, get_backend, prepare_source, video_coefficients
 from xtalker.profiling import Profiler
 from xtalker.render import (
@@ -32,6 +34,7 @@ from xtalker.render import (
     Int8Settings,
     PreparedSource,
     Renderer,
+    cached_artifact,
     check_available,
     driving_sequence,
     quantize_generator,
@@ -85,11 +88,12 @@ class Setting:
     precision: str = "fp32"
     backend: str = "native"
     cache_dir: Path | None = None  # compiled int8 graphs; None: xtalker.render.quantize.default_cache_dir()
+    device: str = "cpu"  # resolved: "cpu" or "cuda:N"
 
     @classmethod
     def of(cls, config: InferenceConfig) -> "Setting":
         paths = find_checkpoints(config.checkpoint_dir, config.size, config.preprocess)
-        return cls(paths, config.precision, config.backend, config.cache_dir)
+        return cls(paths, config.precision, config.backend, config.cache_dir, resolve_device(config.device))
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,8 @@ class TalkingHead:
         self.recon = load_network("face_3drecon", paths.packed)
         self.audio2coeff = Audio2Coeff(load_network("audio2exp", paths.packed), load_network("audio2pose", paths.packed))
         self.renderer = Renderer.from_checkpoints(paths.packed, paths.mapping, paths.coeff_nc, precision=setting.precision)
+        if setting.device != "cpu":
+            self._to(torch.device(setting.device))
         if setting.backend == "ipex":
             self._use_ipex()
         self.int8: ArtifactInfo | None = None
@@ -152,16 +158,36 @@ class TalkingHead:
         if self.setting.precision != "int8" or self.int8 is not None:
             return self.int8
         renderer = self.renderer
-        tag = "bundled-example-v1:" + ":".join(
-            [tensor_digest(renderer.kp_detector)[:16], tensor_digest(renderer.mapping)[:16], self.landmarks.name]
-        )
         quantized = quantize_generator(
             renderer.generator, lambda: calibration_batches(self), self.paths.size, self.setting.cache_dir,
-            Int8Settings(calibration_tag=tag),
+            self.int8_settings(),
         )
         renderer.generator = quantized
         self.int8 = quantized.info
         return self.int8
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.setting.device)
+
+    def _to(self, device: torch.device) -> None:
+        """Every SadTalker network of this head onto `device` (the landmark backend keeps its own)."""
+        for net in (self.recon, self.audio2coeff.exp_net, self.audio2coeff.pose_net, self.renderer.kp_detector,
+                    self.renderer.mapping, self.renderer.generator):
+            net.to(device)
+
+    def int8_settings(self) -> Int8Settings:
+        """The int8 build's settings, named by the calibration recipe and the networks that make its inputs."""
+        renderer = self.renderer
+        tag = "bundled-example-v1:" + ":".join(
+            [tensor_digest(renderer.kp_detector)[:16], tensor_digest(renderer.mapping)[:16], self.landmarks.name]
+        )
+        return Int8Settings(calibration_tag=tag)
+
+    def int8_cached(self) -> bool:
+        """Whether `quantize` would load a compiled graph (seconds) rather than build one (minutes)."""
+        return cached_artifact(self.renderer.generator, self.paths.size, self.setting.cache_dir,
+                               self.int8_settings()) is not None
 
     @property
     def paths(self) -> CheckpointPaths:
@@ -183,8 +209,13 @@ class TalkingHead:
 
 
 def default_output(config: InferenceConfig) -> Path:
-    """Upstream's naming: <result_dir>/<timestamp>.mp4."""
-    return config.result_dir / (datetime.now().strftime("%Y_%m_%d_%H.%M.%S") + ".mp4")
+    """Upstream's naming, <result_dir>/<timestamp>.mp4, with _1, _2 ... when a video of that second exists (the API
+    and batch make several a second)."""
+    stem = datetime.now().strftime("%Y_%m_%d_%H.%M.%S")
+    path, n = config.result_dir / f"{stem}.mp4", 1
+    while path.exists():
+        path, n = config.result_dir / f"{stem}_{n}.mp4", n + 1
+    return path
 
 
 def _tile(rows: np.ndarray, length: int) -> np.ndarray:
@@ -208,15 +239,17 @@ def speech_coefficients(
             blink = np.zeros((num_frames, 1), dtype=np.float32)
         else:
             blink = blink_ratio(num_frames, random.Random(seed))
-        noise = torch.Generator().manual_seed(seed)
+        noise = torch.Generator().manual_seed(seed)  # drawn on the CPU on every device: the same seed, the same motion
+        device = head.device
         pred = head.audio2coeff.predict(
-            mels, torch.from_numpy(ref[None]), torch.from_numpy(blink[None]), config.pose_style, noise
+            mels.to(device), torch.from_numpy(ref[None]).to(device), torch.from_numpy(blink[None]).to(device),
+            config.pose_style, noise,
         )
         coeffs = pred.coeffs[0]
         if config.ref_pose is not None:
-            ref_pose = torch.from_numpy(_tile(ref_coeffs[config.ref_pose][:, EXP_DIM:70], num_frames))
+            ref_pose = torch.from_numpy(_tile(ref_coeffs[config.ref_pose][:, EXP_DIM:70], num_frames)).to(device)
             coeffs = apply_ref_pose(coeffs, ref_pose)
-    return coeffs.numpy()
+    return coeffs.cpu().numpy()
 
 
 @dataclass
@@ -385,6 +418,8 @@ def generate(config: InferenceConfig, networks: Networks | None = None, progress
         with prof.stage("load models"):
             finish = finisher(run, config)
         frames = render_frames(head, run, 0, run.num_frames, config.batch_size, prof)
+        if config.overlap if config.overlap is not None else head.device.type == "cuda":
+            frames = ahead(frames, depth=2)
         size_wh = write_video(run, frames, output, prof, finish, progress)
     prof.loaded = networks.take_loaded()
     return RunResult(

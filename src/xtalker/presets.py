@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 
 # Settings a preset may set, with the type each must have ("workers" may also be "auto").
-PRESET_FIELDS: dict[str, type] = {"precision": str, "batch_size": int, "threads": int, "workers": int, "blend": str, "enhancer": str}
+PRESET_FIELDS: dict[str, type] = {"precision": str, "batch_size": int, "threads": int, "workers": int, "blend": str, "enhancer": str,
+                                  "device": str}
 AUTO = "auto"
 # Cores per worker slot for `workers: auto`. On a 2-core VM one 2-thread process renders as fast as two
 # 1-thread workers (76.8 vs 73.9 s, benchmark parallel), so small machines get one process; larger ones get

@@ -26,6 +26,7 @@ import torch
 
 from xtalker.atomic import read_json, write_atomic, write_json_atomic
 from xtalker.config import InferenceConfig
+from xtalker.device import resolve_device
 from xtalker.finish import PasteTarget
 from xtalker.models.generator import SourceFeatures
 from xtalker.parallel.jobs import Job, job_header, jobs_root, new_job_id, record_worker
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 STAGES = ("prepare", "render", "merge")
 # Settings that do not change the video; anything else differing between stages means another run.
 # (blend and enhancer shape what heavy enhancers leave in the shards, so they count.)
-NOT_RENDERING = {"output", "result_dir", "report", "profile", "threads", "workers", "cache_dir", "seed"}
+NOT_RENDERING = {"output", "result_dir", "report", "profile", "threads", "workers", "cache_dir", "seed", "overlap"}
 # Input files count by content, not path: prepare reads them once, render and merge use what it stored (so they run
 # where the files are not, e.g. on other machines), and a file rewritten at the same path makes another run.
 INPUT_FILES = ("driven_audio", "source_image", "ref_eyeblink", "ref_pose")
@@ -160,12 +161,23 @@ def _prepared_meta(job: Job, config: InferenceConfig) -> dict:
     return meta
 
 
+def on_cpu(config: InferenceConfig) -> InferenceConfig:
+    """Jobs split a video over CPU cores: there `--device auto` means the CPU, and a GPU asked for is refused."""
+    if config.device == "auto":
+        return dataclasses.replace(config, device="cpu")
+    if resolve_device(config.device) != "cpu":
+        raise JobError(f"--device {config.device}: parallel jobs (--workers, the slot script, Flyte) render on CPU "
+                       "cores; a GPU renders a whole video in one process: leave out --workers")
+    return config
+
+
 def stage_prepare(config: InferenceConfig, job: Job) -> Path | None:
     """Compute the run's inputs once (skipped when the job is already prepared with these settings).
 
     For int8 this also builds the compiled graph into the cache, so that the workers only load it, and returns
     the graph's file (None otherwise, and when the job was already prepared).
     """
+    config = on_cpu(config)
     Job.create(job.path)
     if _is_prepared(job):
         recorded, current = _prepared_meta(job, config).get("inputs") or {}, input_digests(config)
@@ -185,6 +197,7 @@ def stage_prepare(config: InferenceConfig, job: Job) -> Path | None:
 
 def stage_render(config: InferenceConfig, job: Job, shard: int, shards: int) -> None:
     """Render shard `shard` of `shards` into its .npy file (nothing to do when the file exists)."""
+    config = on_cpu(config)
     if not 0 <= shard < shards:
         raise JobError(f"--shard must be in 0..{shards - 1}, got {shard}")
     path = job.shard_path(shard)
@@ -226,6 +239,7 @@ def _shard_batches(job: Job, shards: int, batch_size: int) -> Iterator[np.ndarra
 
 def stage_merge(config: InferenceConfig, job: Job, shards: int, output: Path, prof: Profiler | None = None) -> RunResult:
     """Stream every shard, in order, into the one video at `output`; marks the job done."""
+    config = on_cpu(config)
     prof = prof or Profiler()
     run, meta = load_run(job, config)
     missing = [i for i in range(shards) if not job.shard_path(i).is_file()]
@@ -262,6 +276,7 @@ def worker_argv(argv: Sequence[str], drop: Sequence[str] = ("--workers", "--thre
 def run_workers(config: InferenceConfig, argv: Sequence[str], workers: int, job_dir: Path | None = None) -> RunResult:
     """`--workers N`: prepare here, N pinned worker processes, merge here. On success the job folder is removed;
     on failure it stays, and the same command with `--job DIR` resumes it."""
+    config = on_cpu(config)
     slots = plan_slots(workers)
     job = Job.create(job_dir or jobs_root() / new_job_id())
     prof = Profiler()

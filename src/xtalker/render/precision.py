@@ -14,6 +14,8 @@ activations at each part's boundary to that part's weight dtype, so what stays f
 
 The keypoint detector and the mapping net are not touched: they run once per video or on 27 x 70 numbers,
 and keypoint drift is what ruins bfloat16 over the whole renderer (31 dB against float32).
+
+"fp16" (CUDA only, see `xtalker.device`) is the same split in float16.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the per-frame parts' dtype
 
 # Generator submodules that run in bfloat16 under "bf16": together about 98% of a frame's multiply-adds.
 BF16_PARTS = ("dense_motion_network.hourglass", "dense_motion_network.mask", "decoder")
@@ -50,18 +53,19 @@ def prepare_generator(generator: nn.Module, precision: str) -> nn.Module:
     "int8" leaves the generator float32: `xtalker.render.quantize` builds the int8 graph from it, which needs
     calibration inputs that only the caller has.
     """
-    if check_precision(precision) == "bf16":
+    if check_precision(precision) in HALF:
         for name in BF16_PARTS:
-            generator.get_submodule(name).to(torch.bfloat16)
+            generator.get_submodule(name).to(HALF[precision])
     log.debug("generator precision %s", precision)
     return generator
 
 
 def generator_precision(generator: nn.Module) -> str:
-    """"int8" for a quantized generator, "bf16" when the decoder's weights are bfloat16, else "fp32"."""
+    """"int8" for a quantized generator, else the dtype of the decoder's weights: "bf16", "fp16" or "fp32"."""
     if getattr(generator, "precision", None) == "int8":
         return "int8"
-    return "bf16" if generator.get_submodule("decoder").fc.weight.dtype == torch.bfloat16 else "fp32"
+    dtype = generator.get_submodule("decoder").fc.weight.dtype
+    return next((name for name, half in HALF.items() if half == dtype), "fp32")
 
 
 def keep_freed_memory() -> bool:

@@ -580,6 +580,19 @@ def _load(path: Path, meta_path: Path, seconds_from: float) -> tuple[Callable, A
     return compiled, info
 
 
+def _artifact_files(cache: Path, key: dict[str, Any]) -> tuple[Path, Path]:
+    digest = key_digest(key)
+    return cache / f"generator-int8-{digest}.pt2", cache / f"generator-int8-{digest}.json"
+
+
+def cached_artifact(generator: nn.Module, image_size: int, cache_dir: str | Path | None = None,
+                    settings: Int8Settings | None = None) -> Path | None:
+    """The compiled graph `quantize_generator` would load for these arguments, or None when it would build one."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path, meta_path = _artifact_files(cache, cache_key(generator, image_size, settings or Int8Settings(), backend()))
+    return path if path.is_file() and meta_path.is_file() else None
+
+
 def quantize_generator(
     generator: nn.Module,
     calibration: Calibration,
@@ -597,8 +610,7 @@ def quantize_generator(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     start = time.perf_counter()
     key = cache_key(generator, image_size, settings, engine)
-    digest = key_digest(key)
-    path, meta_path = cache / f"generator-int8-{digest}.pt2", cache / f"generator-int8-{digest}.json"
+    path, meta_path = _artifact_files(cache, key)
     if path.is_file() and meta_path.is_file():
         loaded = _load(path, meta_path, start)
         if loaded is not None:

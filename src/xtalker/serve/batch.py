@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 ALIASES = {"source": "source_image", "audio": "driven_audio", "image": "source_image"}
 REQUIRED = ("source_image", "driven_audio")
+# Flags of one video or of a parallel run: refused by batch, so not in its help.
+PER_LINE_ONLY = {"driven_audio", "source_image", "output", "stage", "job", "workers", "shard", "shards"}
 TRUE, FALSE = {"1", "true", "yes", "y", "on"}, {"0", "false", "no", "n", "off"}
 
 
@@ -164,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "(source_image, driven_audio, output, per-video options). Flags apply to lines that do not "
                      "set them.")
     p.add_argument("list", type=Path, metavar="LIST", help="CSV or JSONL file, one video a line")
+    for action in p._actions:  # per line, or not for batches: refused if given, so not offered
+        if action.dest in PER_LINE_ONLY:
+            action.help = argparse.SUPPRESS
     return p
 
 
@@ -184,12 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     from xtalker.atomic import write_json_atomic
     from xtalker.interrupt import TERMINATED_EXIT, Terminated, sigterm_as_interrupt
 
-    for flag in ("driven_audio", "source_image", "output", "stage", "job"):
+    for flag in ("driven_audio", "source_image", "output"):
         if getattr(args, flag) is not None:
             sys.stderr.write(f"error: --{flag} is per line in a batch list; remove it from the command\n")
             return 2
-    if args.workers not in (None, 1):
-        sys.stderr.write("error: xtalker batch renders one video at a time in this process; leave out --workers\n")
+    if args.workers not in (None, 1) or any(getattr(args, f) is not None for f in ("stage", "job", "shard", "shards")):
+        sys.stderr.write("error: xtalker batch renders one video at a time in this process; leave out --workers, "
+                         "--stage, --job and --shard(s)\n")
         return 2
     try:
         lines = read_list(args.list)

@@ -83,6 +83,16 @@ def _cpu() -> dict[str, Any]:
     }
 
 
+def _gpus() -> list[dict[str, Any]]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return [{"index": i, "name": torch.cuda.get_device_name(i),
+             "memory_gb": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1)}
+            for i in range(torch.cuda.device_count())]
+
+
 def _memory() -> dict[str, float]:
     info = {}
     if Path("/proc/meminfo").is_file():
@@ -211,6 +221,7 @@ def examine(checkpoint_dir: Path, cache_dir: Path | None = None) -> Report:
     report.facts["versions"] = versions()
     report.facts["cpu"] = _cpu()
     report.facts["memory"] = _memory()
+    report.facts["gpus"] = _gpus()
     report.facts["disk_free_gb"] = {"checkpoints": _free_gb(checkpoint_dir)}
     _checkpoint_checks(checkpoint_dir, report)
     _aux_checks(checkpoint_dir, report)
@@ -249,7 +260,7 @@ def quick_test(checkpoint_dir: Path, cache_dir: Path | None, frames: int, build_
     for precision in precisions:
         head = TalkingHead(Setting(paths, precision, cache_dir=cache_dir), landmarks)
         if precision == "int8":
-            if not build_int8 and not _int8_cached(head, cache_dir):
+            if not build_int8 and not head.int8_cached():
                 notes["int8"] = "not measured: no compiled graph yet (--build_int8 builds it once, a few minutes)"
                 continue
             head.quantize()
@@ -279,13 +290,6 @@ def quick_test(checkpoint_dir: Path, cache_dir: Path | None, frames: int, build_
             "recommended_preset": preset}
 
 
-def _int8_cached(head, cache_dir: Path | None) -> bool:
-    from xtalker.render import quantize
-
-    cache = Path(cache_dir) if cache_dir else quantize.default_cache_dir()
-    return cache.is_dir() and any(cache.glob("generator-int8-*.pt2"))
-
-
 def render_text(report: Report) -> str:
     f = report.facts
     v, cpu, mem = f["versions"], f["cpu"], f["memory"]
@@ -299,6 +303,8 @@ def render_text(report: Report) -> str:
                                      for name, label in CPU_FEATURES.items()),
         f"memory: {mem['available_gb']} of {mem['total_gb']} GB available; disk free by the checkpoints: "
         f"{f['disk_free_gb']['checkpoints']} GB",
+        "GPUs: " + (", ".join(f"cuda:{g['index']} {g['name']} ({g['memory_gb']} GB)" for g in f["gpus"])
+                    or "none visible to torch (--device auto runs on the CPU)"),
         "",
     ]
     for c in report.checks:

@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--max_queue", type=int, default=8, help="requests waiting at most; more are refused")
+    p.add_argument("--device", default=None, help="auto (default: a CUDA GPU when torch sees one), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the networks (default: all cores)")
     p.add_argument("--cache_dir", type=Path, default=None, help="where compiled int8 graphs are kept")
     p.add_argument("--verbose", action="store_true", help="log everything, third-party warnings included")
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from xtalker.api import USER_ERRORS, XTalker
 
-    options = {k: v for k, v in (("threads", args.threads), ("cache_dir", args.cache_dir)) if v is not None}
+    options = {k: v for k, v in (("threads", args.threads), ("cache_dir", args.cache_dir), ("device", args.device))
+               if v is not None}
     try:
         xt = XTalker(args.checkpoint_dir, preset=args.preset, **options)
     except USER_ERRORS as e:
