@@ -45,8 +45,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> list[float]:
 
 
 def test_unknown_precision_is_refused_before_loading(tmp_path):
-    with pytest.raises(ValueError, match="fp32, bf16"):
-        Renderer.from_checkpoints(tmp_path / "missing.safetensors", tmp_path / "missing.pth.tar", precision="fp16")
+    with pytest.raises(ValueError, match="fp32, bf16, fp16, int8"):
+        Renderer.from_checkpoints(tmp_path / "missing.safetensors", tmp_path / "missing.pth.tar", precision="fp64")
     assert check_precision("bf16") == "bf16"
 
 

@@ -186,6 +186,8 @@ class TalkingHead:
 
     def int8_cached(self) -> bool:
         """Whether `quantize` would load a compiled graph (seconds) rather than build one (minutes)."""
+        if self.int8 is not None:  # quantized already: its graph is in the cache
+            return True
         return cached_artifact(self.renderer.generator, self.paths.size, self.setting.cache_dir,
                                self.int8_settings()) is not None
 
