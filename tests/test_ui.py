@@ -25,12 +25,12 @@ from xtalker.media import iter_video_frames, load_audio
 
 pytest.importorskip("gradio", reason="the ui extra is not installed (pip install -e '.[ui,ui-test]')")
 gradio_client = pytest.importorskip("gradio_client", reason="the ui-test extra is not installed")
+from xtalker.serve.ui import OFFLINE  # noqa: E402  (the page's own no-network settings)
 
 REPO = Path(__file__).resolve().parents[1]
 PORTRAIT = REPO / "examples" / "source_image" / "astronaut.png"
 SPEECH = REPO / "examples" / "driven_audio" / "hello.wav"
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-OFFLINE = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
 def frames(path: str | Path) -> np.ndarray:
