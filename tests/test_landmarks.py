@@ -208,7 +208,7 @@ def test_auto_prefers_a_backend_whose_files_are_present(monkeypatch, tmp_path):
         return None
 
     module.unavailable_reason = unavailable_reason
-    module.create = lambda checkpoint_dir: Upstream()
+    module.create = lambda checkpoint_dir, device="cpu": Upstream()
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setattr(landmarks, "_REGISTRY", dict(landmarks._REGISTRY))
     register_backend(BackendSpec("upstream", module.__name__, priority=10, description="test"))

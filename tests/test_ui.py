@@ -1,5 +1,6 @@
 """The web UI (the `ui` extra): a real browser makes a video and sees a bad input's message; `/generate` over
-gradio_client equals the CLI's video; two requests run one after another; Cancel stops a render.
+gradio_client equals the CLI's video; two requests run one after another; Cancel stops a render; Stream gives
+one-second pieces.
 
 The page runs as `python app.py` on a free local port with synthetic checkpoints, offline. Screenshots go to
 $XTALKER_ARTIFACTS (CI keeps them) or the test's temp folder.
@@ -136,6 +137,33 @@ def test_cancel_stops_the_render_and_writes_nothing(synthetic_checkpoints, media
     video, seed, _ = page.generate(str(PORTRAIT), str(media["two"]), "(none)", 256, "crop", False, 0, 1.0, "none",
                                    "(preset's)", 3, 1, "session", lambda value, desc, unit: calls.append(value))
     assert seed == 3 and Path(video).is_file()  # a new request is not cancelled by the last one's button
+
+
+def test_stream_gives_one_second_pieces_as_they_render(synthetic_checkpoints, tmp_path, monkeypatch):
+    from test_stream import _cheap_render
+
+    from xtalker import XTalker
+    from xtalker.media import probe
+    from xtalker.render.renderer import Renderer
+    from xtalker.serve.ui import Page
+
+    monkeypatch.setattr(Renderer, "render", _cheap_render)  # 60 frames at no cost: the pieces are what is tested
+    audio = write_wav(tmp_path / "speech.wav", load_audio(SPEECH)[: 60 * 640])
+    page = Page(XTalker(synthetic_checkpoints, device="cpu", warm=False), tmp_path)
+    pieces = list(page.stream(str(PORTRAIT), str(audio), "(none)", 256, "crop", False, 0, 1.0, "none", "(preset's)",
+                              8, 0, "s", None))
+    assert [probe(path).frame_count for path, _, _ in pieces] == [25, 25, 10]
+    assert all(seed == 8 for _, seed, _ in pieces) and pieces[-1][2].startswith("60/60 frames; first frame after")
+    assert all(abs(probe(path).audio_duration - probe(path).frame_count / 25) <= 1024 / 16000 for path, _, _ in pieces)
+
+
+def test_stream_over_http(server, media):
+    client = gradio_client.Client(server.url, verbose=False)
+    job = client.submit(source_image=gradio_client.handle_file(str(PORTRAIT)),
+                        driven_audio=gradio_client.handle_file(str(media["two"])), seed=5, api_name="/stream")
+    piece, seed, status = job.result()
+    path = piece["video"] if isinstance(piece, dict) else piece
+    assert seed == 5 and status.startswith("2/2 frames") and frames(path).shape == (2, 256, 256, 3)
 
 
 @pytest.mark.skipif(not CHROMEDRIVER.is_file() or shutil.which("chromium") is None,

@@ -6,6 +6,9 @@
     video = xt.generate("face.png", "speech.wav", "out.mp4", seed=7, still=True)
     print(video.output, video.frames, video.seconds, video.loaded)   # loaded: () once everything is warm
 
+    for frames in xt.stream("face.png", microphone_chunks()):        # frames as the speech arrives
+        show(frames)                                                  # (n, H, W, 3) uint8
+
 Options are the CLI's per-video flags by their names (`size`, `preprocess`, `still`, `pose_style`,
 `expression_scale`, `ref_eyeblink`, `ref_pose`, `input_yaw`, `input_pitch`, `input_roll`, `enhancer`,
 `enhance_align`, `blend`, `seed`, `batch_size`, `precision`, `landmarks`, `threads`, ...). Given to the
@@ -21,7 +24,9 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
+
+import numpy as np
 
 from xtalker.checkpoints import CheckpointError
 from xtalker.config import FPS, ConfigError, InferenceConfig
@@ -32,6 +37,7 @@ from xtalker.preprocess import LandmarkBackendError, NoFaceError, SourceError
 from xtalker.presets import PresetError, get_preset
 from xtalker.profiling import Profiler
 from xtalker.render import QuantizationUnavailableError
+from xtalker.stream import FrameStream, check_streamable
 from xtalker.synthetic import is_synthetic_folder
 from xtalker.warm import Networks
 
@@ -81,6 +87,20 @@ def _checked(options: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                           f"options are: {', '.join(OPTIONS)}")
     return {k: Path(v) if k in PATH_OPTIONS and v is not None else v for k, v in options.items()}
+
+
+class _LockedStream:
+    """A FrameStream that holds the XTalker's lock while it runs (released when it ends or is closed)."""
+
+    def __init__(self, stream: FrameStream, lock: threading.RLock):
+        self._stream, self._lock = stream, lock
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        with self._lock:
+            yield from self._stream
 
 
 class XTalker:
@@ -135,6 +155,22 @@ class XTalker:
         return Video(output=result.output, frames=result.frames, size_wh=result.size_wh, seed=result.seed,
                      seconds=float(profile["total_s"]), loaded=tuple(result.profile.loaded), profile=profile,
                      landmarks=result.landmarks, synthetic=is_synthetic_folder(config.checkpoint_dir))
+
+    def stream(self, source_image: str | Path, audio_chunks: Iterable[np.ndarray], *, preset: str | None = None,
+               **options: Any) -> Iterator[np.ndarray]:
+        """Portrait + speech arriving over time -> finished frames as soon as they are rendered.
+
+        `audio_chunks`: 16 kHz mono float32 arrays of any length, read lazily (a microphone, a socket, a file in
+        pieces). Yields (n, H, W, 3) uint8 RGB batches in order; the first come out while later audio is still
+        unread (about 1.5 s of audio ahead of a frame at most 2.8 s: see `xtalker.speech.stream`). The frames are
+        the offline video's bit for bit, except for blink timing in clips under 5.6 s. The returned object also
+        tells `frames`, `seed`, `size_wh`, `first_frame_s` (from the start to the first frame) and `profile`.
+        The networks stay locked to this stream until it is exhausted or closed.
+        """
+        config = self.config(source_image, "-", None, preset, **options)
+        check_run(config, audio_file=False, output=False)
+        check_streamable(config)
+        return _LockedStream(FrameStream(config, audio_chunks, self.networks), self._lock)
 
     def loaded(self) -> list[str]:
         """The kinds of network held now (most recently used last)."""

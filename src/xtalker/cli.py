@@ -32,6 +32,15 @@ NOT_AVAILABLE = {
 }
 
 
+def batch_size_arg(value: str) -> int | str:
+    """`--batch_size N` as an int; anything else (auto, or a mistake) as given, for `InferenceConfig.validate`'s
+    one-line error."""
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="inference.py",
@@ -47,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--checkpoint_dir", type=Path, default=Path("checkpoints"), help="folder with the SadTalker checkpoint files")
     up.add_argument("--result_dir", type=Path, default=Path("results"), help="where <timestamp>.mp4 goes when --output is not given")
     up.add_argument("--pose_style", type=int, default=0, help=f"head-motion style, 0..{NUM_POSE_STYLES - 1}")
-    up.add_argument("--batch_size", type=int, default=None, help="frames rendered per network call (default 2)")
+    up.add_argument("--batch_size", type=batch_size_arg, default=None,
+                    help="frames rendered per network call (default 2), or auto: 2 on a CPU, on CUDA the most that fit "
+                         "the free GPU memory (at most 64)")
     up.add_argument("--size", type=int, default=256, choices=SIZES, help="face render size")
     up.add_argument("--expression_scale", type=float, default=1.0, help="scale of the speech-driven expression")
     up.add_argument("--input_yaw", nargs="+", type=float, default=None, help="yaw keyframes in degrees (one value: constant)")
@@ -100,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run one stage of a job (what run_distributed_infer_N.sh calls)")
     par.add_argument("--shard", type=int, default=None, help="with --stage render: which shard (0-based)")
     par.add_argument("--shards", type=int, default=None, help="with --stage render/merge: how many shards")
+    ours.add_argument("--stream", action="store_true",
+                      help="write a fragmented MP4 that plays while it is rendered, frames out as soon as the audio "
+                           "allows; --driven_audio - reads 16 kHz mono s16le PCM from stdin (a live source)")
     ours.add_argument("--profile", action="store_true", help="print a per-stage timing table")
     ours.add_argument("--report", type=Path, default=None, help="write timings and run facts as JSON here")
     ours.add_argument("--version", action="version", version=f"xtalker {__version__}")
@@ -213,6 +227,12 @@ def _run(config: InferenceConfig, args: argparse.Namespace, argv: list[str]):
     from xtalker.parallel import Job
     from xtalker.pipeline import generate
 
+    if args.stream:
+        if config.workers != 1 or args.stage is not None:
+            raise ConfigError("--stream renders in this process as the audio arrives: leave out --workers and --stage")
+        from xtalker.stream import stream_audio, stream_to_file
+
+        return stream_to_file(config, stream_audio(config.driven_audio))
     if args.stage is None:
         if config.workers == 1:
             return generate(config)
@@ -284,7 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     from xtalker.synthetic import is_synthetic_folder
 
     try:
-        check_run(config)
+        check_run(config, audio_file=not (args.stream and str(config.driven_audio) == "-"))
+        if args.stream:
+            from xtalker.stream import check_streamable
+
+            check_streamable(config)
         if is_synthetic_folder(config.checkpoint_dir):
             log.warning("SYNTHETIC checkpoints in %s: the video shows meaningless pictures (real cost, fake weights). "
                         "Put the official SadTalker files there for real results.", config.checkpoint_dir)

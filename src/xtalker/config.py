@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from xtalker.preprocess import PREPROCESS_MODES
 SIZES = (256, 512)
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # fp16: CUDA only; int8: CPU only (xtalker.device)
 NUM_POSE_STYLES = 46
+AUTO_BATCH = "auto"  # --batch_size auto
 FPS = 25
 
 
@@ -31,7 +33,7 @@ class InferenceConfig:
     preprocess: str = "crop"
     still: bool = False
     pose_style: int = 0
-    batch_size: int = 2
+    batch_size: int | str = 2  # or "auto": chosen per device at run time (xtalker.device.auto_batch_size)
     precision: str = "fp32"
     expression_scale: float = 1.0
     input_yaw: list[float] | None = None
@@ -85,8 +87,9 @@ class InferenceConfig:
                               "drop --no-compile, or use --precision bf16 (eager)")
         if self.precision == "int8" and self.backend == "ipex":
             raise ConfigError("--backend ipex applies to the fp32/bf16 generator; use --backend native with --precision int8")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch_size must be at least 1, got {self.batch_size}")
+        size = self.batch_size
+        if size != AUTO_BATCH and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1):
+            raise ConfigError(f"--batch_size must be a whole number of at least 1 or auto, got {self.batch_size!r}")
         if not self.expression_scale >= 0:
             raise ConfigError(f"--expression_scale must be a number >= 0, got {self.expression_scale}")
         try:

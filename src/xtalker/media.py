@@ -328,6 +328,17 @@ def _create_temp_beside(target: Path) -> Path:
     raise MediaError(f"cannot create a temporary file in {folder}; clean up its .*.partial.mp4 files")
 
 
+def _create_in_place(target: Path) -> Path:
+    """Create (or empty) the target itself, for a file meant to be read while it grows."""
+    if target.is_dir():
+        raise MediaError(f"output path {target} is a folder; give a file name ending in .mp4")
+    try:
+        os.close(os.open(target, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o666))
+    except OSError as e:
+        raise MediaError(f"cannot write {target} ({_reason(e)}); choose a writable location") from None
+    return target
+
+
 class VideoWriter:
     """RGB uint8 frames -> H.264 (libx264, yuv420p) + AAC mp4 in one pass, written atomically.
 
@@ -335,6 +346,10 @@ class VideoWriter:
     encoded alongside, cut (or zero-padded) to exactly `frames / fps` seconds. Odd frame sizes are padded
     by one replicated row / column. The output appears at `path` only when `close()` succeeds; any
     exception inside the `with` block (KeyboardInterrupt included) removes the temporary file.
+
+    `fragmented`: a fragmented MP4 (an empty header, then a moof/mdat fragment per second of video) written at
+    `path` itself, so a player can start while frames still arrive; audio can then be fed as it comes
+    (`add_audio`), ahead of the frames it belongs to. A failure removes the partial file.
     """
 
     def __init__(
@@ -347,6 +362,7 @@ class VideoWriter:
         size: tuple[int, int] | None = None,
         crf: int = DEFAULT_CRF,
         preset: str = DEFAULT_PRESET,
+        fragmented: bool = False,
     ) -> None:
         self.path = Path(path).absolute()
         self.fps = Fraction(fps)
@@ -356,15 +372,17 @@ class VideoWriter:
         self.crf = crf
         self.preset = preset
         self.audio_rate = audio_rate
+        self.fragmented = fragmented
         self._audio = None if audio is None else self._check_audio(audio)
-        self._audio_pos = 0
+        self._audio_pos = 0  # samples encoded
+        self._audio_base = 0  # sample index of _audio[0]: encoded samples are dropped
         self.frames_written = 0
         self._container: av.container.OutputContainer | None = None
         self._video: av.video.stream.VideoStream | None = None
         self._audio_stream: av.audio.stream.AudioStream | None = None
         self._saved = False
         self._aborted = False
-        self._temp = _create_temp_beside(self.path)
+        self._temp = _create_in_place(self.path) if fragmented else _create_temp_beside(self.path)
         # Removes the temporary file if the writer is dropped or the interpreter exits before close().
         self._cleanup = weakref.finalize(self, _remove_quietly, self._temp)
 
@@ -386,6 +404,11 @@ class VideoWriter:
         else:
             self.abort()
 
+    def add_audio(self, samples: np.ndarray) -> None:
+        """Append mono float32 samples to the audio track (it is cut to the video's length at the end)."""
+        wav = self._check_audio(samples)
+        self._audio = wav if self._audio is None else np.concatenate([self._audio, wav])
+
     @property
     def encoded_size(self) -> tuple[int, int] | None:
         """(width, height) stored in the file: the frame size rounded up to even numbers."""
@@ -398,10 +421,15 @@ class VideoWriter:
         assert size is not None
         width, height = size
         try:
-            self._container = av.open(str(self._temp), mode="w", format="mp4", options={"movflags": "+faststart"})
-            video = self._container.add_stream(
-                "libx264", rate=self.fps, options={"crf": str(self.crf), "preset": self.preset}
-            )
+            # A fragment per second: a keyframe each second closes one (frag_keyframe), zero-latency encoding
+            # hands each frame over at once.
+            movflags = "+frag_keyframe+empty_moov+default_base_moof" if self.fragmented else "+faststart"
+            codec = {"crf": str(self.crf), "preset": self.preset}
+            if self.fragmented:
+                codec.update(g=str(round(self.fps)), tune="zerolatency")
+            fmt = {"movflags": movflags, "flush_packets": "1"} if self.fragmented else {"movflags": movflags}
+            self._container = av.open(str(self._temp), mode="w", format="mp4", options=fmt)
+            video = self._container.add_stream("libx264", rate=self.fps, options=codec)
             video.width, video.height, video.pix_fmt = width, height, "yuv420p"
             self._video = video
             if self._audio is not None:
@@ -456,7 +484,7 @@ class VideoWriter:
         stop = self._audio_samples_for(frames)
         if stop <= self._audio_pos:
             return
-        chunk = self._audio[self._audio_pos : stop]
+        chunk = self._audio[self._audio_pos - self._audio_base : stop - self._audio_base]
         if len(chunk) < stop - self._audio_pos:
             # Audio shorter than the video: silence fills the rest.
             chunk = np.concatenate([chunk, np.zeros(stop - self._audio_pos - len(chunk), np.float32)])
@@ -465,7 +493,8 @@ class VideoWriter:
         samples.pts = self._audio_pos
         samples.time_base = Fraction(1, self.audio_rate)
         self._mux(self._audio_stream, samples)
-        self._audio_pos = stop
+        self._audio = self._audio[stop - self._audio_base :]
+        self._audio_pos = self._audio_base = stop
 
     def close(self) -> Path:
         """Flush the encoders, finish the file and move it to `path` (idempotent)."""

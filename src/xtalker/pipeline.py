@@ -20,8 +20,8 @@ import torch
 from tqdm import tqdm
 
 from xtalker.checkpoints import CheckpointPaths, find_checkpoints, load_network
-from xtalker.config import FPS, ConfigError, InferenceConfig
-from xtalker.device import resolve_device
+from xtalker.config import AUTO_BATCH, FPS, ConfigError, InferenceConfig
+from xtalker.device import auto_batch_size, resolve_device
 from xtalker.finish import Finisher, FinishSettings, PasteTarget, check_weights, five_points, paste_target
 from xtalker.media import VideoWriter, load_audio
 from xtalker.overlap import ahead
@@ -78,6 +78,7 @@ class RunResult:
     landmarks: str
     profile: Profiler
     int8: ArtifactInfo | None = None  # where the quantized generator came from (int8 runs)
+    batch_size: int | None = None  # frames per renderer call (what `--batch_size auto` chose)
 
 
 @dataclass(frozen=True)
@@ -171,7 +172,8 @@ class TalkingHead:
         return torch.device(self.setting.device)
 
     def _to(self, device: torch.device) -> None:
-        """Every SadTalker network of this head onto `device` (the landmark backend keeps its own)."""
+        """Every SadTalker network of this head onto `device` (the landmark backend is built on the setting's
+        device by `get_backend`)."""
         for net in (self.recon, self.audio2coeff.exp_net, self.audio2coeff.pose_net, self.renderer.kp_detector,
                     self.renderer.mapping, self.renderer.generator):
             net.to(device)
@@ -204,7 +206,8 @@ class TalkingHead:
 
     @classmethod
     def from_config(cls, config: InferenceConfig) -> "TalkingHead":
-        return cls(Setting.of(config), get_backend(config.landmarks, config.checkpoint_dir))
+        setting = Setting.of(config)
+        return cls(setting, get_backend(config.landmarks, config.checkpoint_dir, device=setting.device))
 
     def serves(self, config: InferenceConfig) -> bool:
         return self.setting == Setting.of(config)
@@ -292,27 +295,57 @@ def load_speech(config: InferenceConfig, prof: Profiler) -> np.ndarray:
         return crop_to_frames(wav)
 
 
-def prepare_run(config: InferenceConfig, head: TalkingHead, wav: np.ndarray, seed: int, prof: Profiler) -> PreparedRun:
-    """Source picture, coefficients and the renderer's source work: all that precedes per-frame work."""
-    num_frames = num_video_frames(len(wav))
+def prepare_face(config: InferenceConfig, head: TalkingHead, prof: Profiler) -> tuple[PreparedFace, dict[Path, np.ndarray]]:
+    """The source face (crop, landmarks, coefficients) and the reference videos' coefficients."""
     log.info("landmarks: %s backend; checkpoints %s + %s", head.landmarks.name, head.paths.packed.name, head.paths.mapping.name)
-
     with prof.stage("preprocess"):
         face = prepare_source(config.source_image, head.landmarks, head.recon, config.preprocess, config.size)
         ref_coeffs = {
             path: video_coefficients(path, head.landmarks, head.recon, config.preprocess, config.size)
             for path in {config.ref_eyeblink, config.ref_pose} - {None}
         }
+    return face, ref_coeffs
 
-    coeffs = speech_coefficients(head, config, face, wav, num_frames, ref_coeffs, seed, prof)
-    sequence = driving_sequence(
+
+def clip_sequence(config: InferenceConfig, coeffs: np.ndarray, face: PreparedFace) -> DrivingSequence:
+    """The renderer's driving rows from generated (T, 70) coefficients (a streamed clip: any run of rows)."""
+    return driving_sequence(
         coeffs, face.coeff_3dmm, config.preprocess, config.still, config.expression_scale,
         config.input_yaw, config.input_pitch, config.input_roll,
     )
+
+
+def source_run(
+    config: InferenceConfig, head: TalkingHead, face: PreparedFace, sequence: DrivingSequence, wav: np.ndarray,
+    seed: int, prof: Profiler,
+) -> PreparedRun:
+    """The renderer's source work and the paste-back geometry around a clip."""
     with prof.stage("render"):
         source = head.renderer.prepare(source_image(face.crop.image), source_semantics(face.coeff_3dmm, config.preprocess))
     paste = paste_target(face.original, face.info, face.geometry, config.extended_crop) if config.pastes_back else None
-    return PreparedRun(num_frames, seed, wav, sequence, source, face.info.size, paste, five_points(face.landmarks_crop))
+    return PreparedRun(sequence.num_frames, seed, wav, sequence, source, face.info.size, paste,
+                       five_points(face.landmarks_crop))
+
+
+def prepare_run(config: InferenceConfig, head: TalkingHead, wav: np.ndarray, seed: int, prof: Profiler) -> PreparedRun:
+    """Source picture, coefficients and the renderer's source work: all that precedes per-frame work."""
+    face, ref_coeffs = prepare_face(config, head, prof)
+    coeffs = speech_coefficients(head, config, face, wav, num_video_frames(len(wav)), ref_coeffs, seed, prof)
+    return source_run(config, head, face, clip_sequence(config, coeffs, face), wav, seed, prof)
+
+
+def run_batch_size(config: InferenceConfig, head: TalkingHead, prof: Profiler | None = None) -> int:
+    """Frames per renderer call for this run: `config.batch_size`, or for "auto" what suits the head's device
+    (`xtalker.device.auto_batch_size`; on CUDA from the memory free now, so call it once, after the source work).
+    Recorded in `prof`."""
+    batch_size = config.batch_size
+    if batch_size == AUTO_BATCH:
+        device, size, precision = head.setting.device, head.paths.size, head.setting.precision
+        batch_size = auto_batch_size(device, size, precision)
+        log.info("--batch_size auto: %d frames per renderer call (%s, %d px, %s)", batch_size, device, size, precision)
+    if prof is not None:
+        prof.batch_size = batch_size
+    return batch_size
 
 
 def render_frames(
@@ -335,7 +368,8 @@ def render_frames(
 
 def finisher(run: PreparedRun, config: InferenceConfig, part: str = "all") -> Finisher:
     """The post-render chain of `run` (see xtalker.finish): all of it, the workers' share or the merge's."""
-    settings = FinishSettings(config.blend, config.enhancer, config.enhance_align, config.checkpoint_dir, config.precision)
+    settings = FinishSettings(config.blend, config.enhancer, config.enhance_align, config.checkpoint_dir, config.precision,
+                              resolve_device(config.device))
     return Finisher(settings, run.source.image_size, run.crop_size_wh, run.paste, run.face_points, run.seed, part)
 
 
@@ -378,17 +412,20 @@ def _writable_problem(path: Path, what: str) -> str | None:
     return None
 
 
-def check_run(config: InferenceConfig) -> None:
+def check_run(config: InferenceConfig, *, audio_file: bool = True, output: bool = True) -> None:
     """Everything that can be checked before any work, one clear error each: the settings, int8's prerequisites,
-    the enhancer's weights, the input files, where the video goes (chosen here when not given)."""
+    the enhancer's weights, the input files, where the video goes (chosen here when not given). A stream has no
+    audio file (`audio_file=False`), and the API's stream writes no video (`output=False`)."""
     config.validate()
     if config.precision == "int8":
         check_available()
     check_weights(config.enhancer, config.enhance_align, config.checkpoint_dir)
-    for path, what in ((config.driven_audio, "driven audio"), (config.source_image, "source image"),
+    for path, what in ((config.driven_audio if audio_file else None, "driven audio"), (config.source_image, "source image"),
                        (config.ref_eyeblink, "--ref_eyeblink video"), (config.ref_pose, "--ref_pose video")):
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{what} not found: {path}")
+    if not output:
+        return
     config.output = config.output or default_output(config)
     for path, what in ((config.output, "output"), (config.report, "report")):
         if path is not None and (problem := _writable_problem(Path(path), what)):
@@ -419,12 +456,13 @@ def generate(config: InferenceConfig, networks: Networks | None = None, progress
         run = prepare_run(config, head, wav, seed, prof)
         with prof.stage("load models"):
             finish = finisher(run, config)
-        frames = render_frames(head, run, 0, run.num_frames, config.batch_size, prof)
+        batch_size = run_batch_size(config, head, prof)  # "auto": from the memory left with every network loaded
+        frames = render_frames(head, run, 0, run.num_frames, batch_size, prof)
         if config.overlap if config.overlap is not None else head.device.type == "cuda":
             frames = ahead(frames, depth=2)
         size_wh = write_video(run, frames, output, prof, finish, progress)
     prof.loaded = networks.take_loaded()
     return RunResult(
         output=output, frames=run.num_frames, size_wh=size_wh, seed=seed, landmarks=head.landmarks.name, profile=prof,
-        int8=head.int8,
+        int8=head.int8, batch_size=batch_size,
     )

@@ -10,10 +10,11 @@ from typing import Any
 
 import yaml
 
-# Settings a preset may set, with the type each must have ("workers" may also be "auto").
+# Settings a preset may set, with the type each must have ("workers" and "batch_size" may also be "auto").
 PRESET_FIELDS: dict[str, type] = {"precision": str, "batch_size": int, "threads": int, "workers": int, "blend": str, "enhancer": str,
                                   "device": str}
 AUTO = "auto"
+AUTO_FIELDS = ("workers", "batch_size")
 # Cores per worker slot for `workers: auto`. On a 2-core VM one 2-thread process renders as fast as two
 # 1-thread workers (76.8 vs 73.9 s, benchmark parallel), so small machines get one process; larger ones get
 # a worker per 4 cores, where one process's threads stop scaling on these batch-1/2 convolutions.
@@ -63,10 +64,11 @@ def load_presets(path: Path | None = None) -> dict[str, Preset]:
             kind = PRESET_FIELDS.get(key)
             if kind is None:
                 raise PresetError(f"{path}: preset {name!r} sets unknown field {key!r} (known: {', '.join(PRESET_FIELDS)})")
-            if key == "workers" and value == AUTO:
+            if key in AUTO_FIELDS and value == AUTO:
                 continue
             if value is not None and not isinstance(value, kind):
-                raise PresetError(f"{path}: preset {name!r}: {key} must be {kind.__name__}, got {value!r}")
+                also = " or auto" if key in AUTO_FIELDS else ""
+                raise PresetError(f"{path}: preset {name!r}: {key} must be {kind.__name__}{also}, got {value!r}")
         presets[str(name)] = Preset(str(name), str(body.get("description", "")), settings)
     return presets
 

@@ -16,6 +16,7 @@ class Profiler:
     seconds: dict[str, float] = field(default_factory=dict)
     frames: int = 0
     loaded: list[str] = field(default_factory=list)  # networks this run loaded (none when all were warm)
+    batch_size: int | None = None  # frames per renderer call, once the run has chosen it (`--batch_size auto`)
     _start: float = field(default_factory=time.perf_counter)
 
     @contextmanager
@@ -41,6 +42,7 @@ class Profiler:
             "frames_per_s": round(self.frames / total, 4) if total > 0 else 0.0,
             "render_s_per_frame": round(render / self.frames, 4) if self.frames else 0.0,
             "loaded": list(self.loaded),
+            "batch_size": self.batch_size,
         }
 
     def table(self) -> str:
@@ -51,5 +53,7 @@ class Profiler:
             lines.append(f"{name:<14}{sec:>10.2f}{100 * sec / total:>7.1f}%")
         lines.append(f"{'total':<14}{total:>10.2f}")
         lines.append(f"networks loaded: {', '.join(self.loaded) or 'none (all warm)'}")
-        lines.append(f"{d['frames']} frames, {d['frames_per_s']:.3f} frames/s overall, {d['render_s_per_frame']:.3f} s/frame rendering")
+        batch = f" (batch {self.batch_size})" if self.batch_size is not None else ""
+        lines.append(f"{d['frames']} frames, {d['frames_per_s']:.3f} frames/s overall, "
+                     f"{d['render_s_per_frame']:.3f} s/frame rendering{batch}")
         return "\n".join(lines)

@@ -3,7 +3,8 @@
 Loaders ask `shared(kind, key, load)` for a network; inside `Networks.active()` the answer comes from that
 cache when it holds `key`, else `load()` runs and the result is kept. The record of what was loaded lets a run's
 profile show it (`loaded`: empty when everything was warm). The SadTalker networks of a setting take about 1 GB,
-so only the most recent `max_heads` settings are kept; enhancer networks are kept by file and precision.
+so only the most recent `max_heads` settings are kept; enhancer networks are kept by file and device (a cpu and
+a cuda copy of one file are two entries; their precision plans live on the network).
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ def file_key(path: Path) -> tuple[str, int, int]:
     """A file as a cache key: replaced weights at the same path are another key."""
     stat = Path(path).stat()
     return str(Path(path).resolve()), stat.st_mtime_ns, stat.st_size
+
+
+def network_key(path: Path, device: str) -> tuple[str, int, int, str]:
+    """A network loaded from `path` onto `device` (resolved: "cpu", "cuda:N") as a cache key."""
+    return (*file_key(path), str(device))
 
 
 def shared(kind: str, key: Hashable, load: Callable[[], T]) -> T:

@@ -36,6 +36,7 @@ class FinishSettings:
     enhance_align: str = "source"
     checkpoint_dir: Path = Path("checkpoints")
     precision: str = "fp32"
+    device: str = "cpu"  # resolved ("cpu", "cuda:N"): where the enhancer's networks run
 
     @property
     def heavy(self) -> bool:
@@ -95,13 +96,14 @@ class Finisher:
                 points = np.asarray(face_points, np.float32) * scale
             plan.append(("enhance", lambda: make_enhancer(
                 settings.enhancer, settings.enhance_align, settings.checkpoint_dir, settings.precision, seed,
-                points, frame_wh)))
+                points, frame_wh, settings.device)))
         heavy_until = len(plan) if settings.heavy else 0
         if paste is not None:
             plan.append(("paste", lambda: _per_frame(Paster(scaled_target(paste, upscale), settings.blend))))
         if after_paste:
             plan.append(("enhance", lambda: make_enhancer(
-                settings.enhancer, settings.enhance_align, settings.checkpoint_dir, settings.precision, seed)))
+                settings.enhancer, settings.enhance_align, settings.checkpoint_dir, settings.precision, seed,
+                device=settings.device)))
             heavy_until = len(plan)
         chosen = {"all": plan, "worker": plan[:heavy_until], "merge": plan[heavy_until:]}[part]
         self.stages = [(name, build()) for name, build in chosen]

@@ -12,6 +12,11 @@
     upscale. Costs about 2.2x `source` (detector + ParseNet on top of GFPGAN).
 GFPGAN's StyleGAN noise is drawn per face from a generator seeded by (run seed, frame index, face index),
 so a frame's result does not depend on batching or on which worker renders it.
+
+The networks run on the run's device (`device`: "cpu" or "cuda:N", resolved by the caller), one cached copy per
+file and device; frames go in and come back as numpy arrays on the CPU. The geometry (alignment, warps, masks,
+paste) stays on the CPU in OpenCV. Precision: fp32 runs keep the networks in fp32; any other run precision runs
+GFPGAN and ParseNet in bf16, on CUDA too (an fp16 run's enhancer is bf16: the plans have no fp16 form).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from xtalker.models import auxfile
 from xtalker.models.gfpgan import FILE_NAME as GFPGAN_FILE
 from xtalker.models.parsenet import FILE_NAME as PARSENET_FILE
 from xtalker.models.retinaface import FILE_NAME as RETINAFACE_FILE
-from xtalker.warm import file_key, shared
+from xtalker.warm import network_key, shared
 
 ENHANCERS = ("lightweight", "gfpgan")
 ALIGNS = ("source", "detect")
@@ -122,10 +127,11 @@ class Restorer:
     """GFPGAN v1.4 on aligned 512 BGR crops through its fast plan (exact rewrites of the same sums; fp32 within the
     golden tolerance, bf16 about 60 dB PSNR against fp32 on the image, aux spec 6.5 reports 57.7 for autocast)."""
 
-    def __init__(self, path: Path, precision: str = "fp32", seed: int = 0):
+    def __init__(self, path: Path, precision: str = "fp32", seed: int = 0, device: str = "cpu"):
         from xtalker.models.gfpgan import load_gfpgan
 
-        self.net = shared("gfpgan", file_key(path), lambda: load_gfpgan(path))
+        self.device = torch.device(device)
+        self.net = shared("gfpgan", network_key(path, device), lambda: load_gfpgan(path).to(self.device))
         self.precision, self.seed = precision, seed
 
     def __call__(self, crops: np.ndarray, keys: Sequence[tuple[int, int]]) -> np.ndarray:
@@ -139,11 +145,13 @@ class Restorer:
 
         if len(crops) == 0:
             return np.asarray(crops)
+        # Noise is drawn on the CPU on every device: the same seed, the same faces.
         per_face = [draw_noise(1, torch.Generator().manual_seed(noise_seed(self.seed, *k))) for k in keys]
-        noise = [torch.cat(maps) for maps in zip(*per_face)]
+        noise = [torch.cat(maps).to(self.device) for maps in zip(*per_face)]
         plan = fast_plan(self.net, "fp32" if self.precision == "fp32" else "bf16")
-        image = plan.restore(preprocess_bgr_u8(np.ascontiguousarray(crops)), noise)
-        return postprocess_to_bgr_u8(image).numpy()
+        crops_u8 = torch.from_numpy(np.ascontiguousarray(crops)).to(self.device)  # uint8 across, floats made there
+        image = plan.restore(preprocess_bgr_u8(crops_u8), noise)
+        return postprocess_to_bgr_u8(image).cpu().numpy()
 
 
 def template_mask(size: int = FACE_SIZE) -> np.ndarray:
@@ -221,14 +229,17 @@ def enhance_detected(
 class DetectingEnhancer:
     """Upstream's procedure per finished frame: RetinaFace, LMedS alignment, GFPGAN, ParseNet mask, paste."""
 
-    def __init__(self, restorer: Restorer, detector_path: Path, parsenet_path: Path, precision: str = "fp32"):
+    def __init__(self, restorer: Restorer, detector_path: Path, parsenet_path: Path, precision: str = "fp32",
+                 device: str = "cpu"):
         from xtalker.models.parsenet import load_parsenet
         from xtalker.preprocess import FaceDetector
 
         self.restorer = restorer
         # Detection stays fp32: bf16 moves face scores across the 0.97 threshold (aux spec 6.5).
-        self.detector = shared("retinaface", file_key(detector_path), lambda: FaceDetector.from_file(detector_path))
-        self.parsenet = shared("parsenet", file_key(parsenet_path), lambda: load_parsenet(parsenet_path))
+        self.detector = shared("retinaface", network_key(detector_path, device),
+                               lambda: FaceDetector.from_file(detector_path, device=device))
+        self.parsenet = shared("parsenet", network_key(parsenet_path, device),
+                               lambda: load_parsenet(parsenet_path).to(torch.device(device)))
         self.precision = precision
 
     def faces(self, frames_bgr: Sequence[np.ndarray]) -> list[DetectedFaces]:
@@ -263,10 +274,12 @@ def make_enhancer(
     seed: int = 0,
     lm5: np.ndarray | None = None,
     frame_wh: tuple[int, int] | None = None,
+    device: str = "cpu",
 ) -> Enhancer | None:
     """The enhancer `name` (see ENHANCERS), or None. `lm5`/`frame_wh`: the source face's 5 points in the frames
     the enhancer will receive (the `source` alignment). `precision` fp32 keeps the networks in fp32; anything
-    else runs GFPGAN (autocast) and ParseNet (bf16 weights) in bf16."""
+    else runs GFPGAN and ParseNet in bf16 (their plans' bf16 weights). `device`: where the networks run
+    (resolved: "cpu" or "cuda:N"); the lightweight enhancer is OpenCV on the CPU."""
     key = check_enhancer(name)
     if key is None:
         return None
@@ -276,9 +289,9 @@ def make_enhancer(
         raise ValueError(f"--enhance_align must be one of {', '.join(ALIGNS)}, got {align!r}")
     paths = check_weights(key, align, checkpoint_dir)
     net_precision = "fp32" if precision == "fp32" else "bf16"
-    restorer = Restorer(paths[GFPGAN_FILE], net_precision, seed)
+    restorer = Restorer(paths[GFPGAN_FILE], net_precision, seed, device)
     if align == "detect":
-        return DetectingEnhancer(restorer, paths[RETINAFACE_FILE], paths[PARSENET_FILE], net_precision)
+        return DetectingEnhancer(restorer, paths[RETINAFACE_FILE], paths[PARSENET_FILE], net_precision, device)
     if lm5 is None or frame_wh is None:
         raise ValueError("the source-aligned enhancer needs the source face's 5 points and the frame size")
     return SourceAlignedEnhancer(restorer, lm5, frame_wh)

@@ -6,7 +6,8 @@ and motion discriminator are dropped by the checkpoint loader.
 Chunking: frame 0 is the reference (motion 0); frames 1..T-1 are decoded in chunks of 32 frames, each with
 its own latent z. A remainder of `re` frames is decoded from the last 32 windows (front-padded with the
 first embedding when fewer exist) and only its last `re` frames are kept. Latents are consumed in the order
-full chunks first, then the tail chunk.
+full chunks first, then the tail chunk. Each chunk is encoded and decoded by its own calls, so a stream that
+sees the audio chunk by chunk (xtalker.speech.stream) computes exactly the same motion.
 """
 
 from __future__ import annotations
@@ -207,43 +208,49 @@ class Audio2Pose(nn.Module):
             raise ValueError(f"pose latents must be ({batch}, {self.latent}) or (1, {self.latent}) for a batch of {batch}")
         return [z.expand(batch, -1) for z in zs]
 
+    def style(self, pose_style: int | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+        """Pose style(s) as (B,) class ids, checked against the number of classes."""
+        class_id = torch.as_tensor(pose_style, dtype=torch.long, device=device).reshape(-1).expand(batch)
+        if bool(((class_id < 0) | (class_id >= self.num_classes)).any()):
+            raise ValueError(f"pose style must be in [0, {self.num_classes - 1}], got {class_id.tolist()}")
+        return class_id
+
+    def encode_chunk(self, mels: torch.Tensor) -> torch.Tensor:
+        """Mel windows of one chunk's frames (B, <=32, 1, 80, 16) -> (B, <=32, 512).
+
+        Chunks are encoded one at a time, offline and streamed alike, because a frame's embedding depends
+        in its last bits on which frames share the encoder call.
+        """
+        return self.audio_encoder(mels)
+
+    def decode_chunk(
+        self, embeddings: torch.Tensor, ref_pose: torch.Tensor, z: torch.Tensor, class_id: torch.Tensor
+    ) -> torch.Tensor:
+        """Motion (B, 32, 6) of one chunk from its 32 embeddings (B, <=32, 512); fewer are front-padded with
+        the first one (the tail of a clip shorter than a chunk)."""
+        B, n = embeddings.shape[:2]
+        if n < self.seq_len:
+            pad = embeddings[:, :1].expand(B, self.seq_len - n, AUDIO_FEATURE_DIM)
+            embeddings = torch.cat([pad, embeddings], dim=1)
+        return self.netG.decoder(embeddings, ref_pose, z, class_id)
+
     def forward(
         self, mels: torch.Tensor, ref_pose: torch.Tensor, pose_style: int | torch.Tensor, noise: PoseNoise
     ) -> PoseOutput:
         """mels (B, T, 1, 80, 16), ref_pose (B, 6), pose_style int or (B,) -> motion (B, T, 6) and intermediates."""
         B, T = mels.shape[:2]
-        class_id = torch.as_tensor(pose_style, dtype=torch.long, device=mels.device).reshape(-1).expand(B)
-        if bool(((class_id < 0) | (class_id >= self.num_classes)).any()):
-            raise ValueError(f"pose style must be in [0, {self.num_classes - 1}], got {class_id.tolist()}")
+        class_id = self.style(pose_style, B, mels.device)
         plan = pose_chunks(T, self.seq_len)
         zs = self._latents(noise, plan.count, B, mels)
-        if plan.count == 0:
-            return PoseOutput(motion=mels.new_zeros((B, T, POSE_DIM)), audio_embeddings=[], z=zs)
-
-        emb = self.audio_encoder(mels[:, 1:])  # (B, T-1, 512)
         L = self.seq_len
-        embeddings = [emb[:, i * L : (i + 1) * L] for i in range(plan.full)]
-        inputs = list(embeddings)
-        if plan.tail:
-            tail = emb[:, -L:]
-            embeddings.append(tail)
-            if tail.shape[1] < L:
-                pad = tail[:, :1].expand(B, L - tail.shape[1], AUDIO_FEATURE_DIM)
-                tail = torch.cat([pad, tail], dim=1)
-            inputs.append(tail)
-
-        # All chunks are decoded in one batch: the decoder treats batch rows independently.
-        n = len(inputs)
-        decoded = self.netG.decoder(
-            torch.cat(inputs, dim=0),
-            ref_pose.repeat(n, 1),
-            torch.cat(zs, dim=0),
-            class_id.repeat(n),
-        ).reshape(n, B, L, POSE_DIM)
+        chunks = [self.encode_chunk(mels[:, 1 + k * L : 1 + (k + 1) * L]) for k in range(plan.count)]
         parts = [mels.new_zeros((B, 1, POSE_DIM))]
-        parts.extend(decoded[i] for i in range(plan.full))
+        parts.extend(self.decode_chunk(chunks[k], ref_pose, zs[k], class_id) for k in range(plan.full))
+        embeddings = chunks[: plan.full]
         if plan.tail:
-            parts.append(decoded[-1][:, L - plan.tail :])
+            tail = torch.cat(chunks[-2:], dim=1)[:, -L:]  # the last 32 frames' embeddings
+            embeddings.append(tail)
+            parts.append(self.decode_chunk(tail, ref_pose, zs[-1], class_id)[:, L - plan.tail :])
         return PoseOutput(motion=torch.cat(parts, dim=1), audio_embeddings=embeddings, z=zs)
 
     @classmethod

@@ -286,11 +286,13 @@ def _check_input(x: torch.Tensor) -> None:
         raise ValueError(f"GFPGANv1Clean expects (B, 3, {OUT_SIZE}, {OUT_SIZE}) images, got {tuple(x.shape)}")
 
 
-def _conv_method(in_ch: int, size: int, upsample: bool, dtype: torch.dtype) -> str:
-    """How the plan runs a 3x3 conv with `size` px output maps (input upsampled x2 first if `upsample`)."""
+def _conv_method(in_ch: int, size: int, upsample: bool, dtype: torch.dtype, device: torch.device | None = None) -> str:
+    """How the plan runs a 3x3 conv with `size` px output maps (input upsampled x2 first if `upsample`). The
+    hand-written Winograd is a CPU path (measured there); on a GPU cuDNN picks its own conv algorithms."""
     if upsample and size >= TRANSPOSED_MIN_SIZE:
         return "transposed"
-    if dtype == torch.float32 and in_ch >= WINOGRAD_MIN_CHANNELS and size <= WINOGRAD_MAX_SIZE:
+    on_cpu = device is None or device.type == "cpu"
+    if on_cpu and dtype == torch.float32 and in_ch >= WINOGRAD_MIN_CHANNELS and size <= WINOGRAD_MAX_SIZE:
         return "winograd"
     return "direct"
 
@@ -298,12 +300,14 @@ def _conv_method(in_ch: int, size: int, upsample: bool, dtype: torch.dtype) -> s
 def _up_kernel(w: torch.Tensor) -> torch.Tensor:
     """(out, in, 3, 3) kernel of "bilinear x2, then 3x3 conv" -> the equivalent (in, out, 6, 6) transposed kernel,
     computed in float64."""
-    return torch.einsum("ak,bl,oikl->ioab", _UP_TAPS, _UP_TAPS, w.double())
+    taps = _UP_TAPS.to(w.device)
+    return torch.einsum("ak,bl,oikl->ioab", taps, taps, w.double())
 
 
 def _winograd_kernel(w: torch.Tensor) -> torch.Tensor:
     """(out, in, 3, 3) kernel -> its (16, in, out) Winograd F(2x2, 3x3) form G w G^T, computed in float64."""
-    return torch.einsum("ak,oikl,bl->abio", _WINOGRAD_G, w.double(), _WINOGRAD_G).reshape(16, w.shape[1], w.shape[0])
+    g = _WINOGRAD_G.to(w.device)
+    return torch.einsum("ak,oikl,bl->abio", g, w.double(), g).reshape(16, w.shape[1], w.shape[0])
 
 
 def _conv_upsampled(x: torch.Tensor, kernel: torch.Tensor, up_kernel: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -377,7 +381,7 @@ class _Conv:
 
     def __init__(self, conv: nn.Conv2d, dtype: torch.dtype, size: int, act: bool = False, upsample: bool = False):
         w = conv.weight.detach()
-        self.method = _conv_method(w.shape[1], size, upsample, dtype) if w.shape[-1] == 3 else "direct"
+        self.method = _conv_method(w.shape[1], size, upsample, dtype, w.device) if w.shape[-1] == 3 else "direct"
         self.upsample = upsample
         self.weight = w.to(dtype)
         alt = {"transposed": _up_kernel, "winograd": _winograd_kernel}.get(self.method)
@@ -422,7 +426,7 @@ class _FastStyleConv:
         # sum_{i,kh,kw} (W[o,i] s[i])^2 = sum_i |W[o,i]|^2 s[i]^2: demodulation without building the kernel first.
         self.norms = self.weight.pow(2).sum([2, 3])
         self.upsample = conv.upsample
-        self.method = _conv_method(self.weight.shape[1], size, conv.upsample, dtype)
+        self.method = _conv_method(self.weight.shape[1], size, conv.upsample, dtype, self.weight.device)
         self.alt_weight = None
         if self.method == "transposed":
             self.alt_weight = _up_kernel(self.weight).float()
@@ -501,6 +505,7 @@ class FastGFPGAN:
         depend on its batch."""
         _check_input(x)
         noise = list(noise) if noise is not None else draw_noise(x.shape[0], generator)
+        noise = [n.to(x.device) for n in noise]  # drawn on the CPU (a CPU generator), used where x is
         if len(noise) != len(NOISE_SIZES):
             raise ValueError(f"GFPGANv1Clean needs {len(NOISE_SIZES)} noise maps, got {len(noise)}")
         with torch.inference_mode():

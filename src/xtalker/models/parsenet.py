@@ -186,7 +186,8 @@ _UP_TAPS = torch.tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torc
 def _folded(layer: ConvLayer) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) of the layer's conv with its inference-mode BatchNorm folded in, computed in float64."""
     w = layer.conv2d.weight.detach().double()
-    b = layer.conv2d.bias.detach().double() if layer.conv2d.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+    b = (layer.conv2d.bias.detach().double() if layer.conv2d.bias is not None
+         else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
     if layer.norm is not None:
         bn = layer.norm.norm
         scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
@@ -197,7 +198,8 @@ def _folded(layer: ConvLayer) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _up_kernel(w: torch.Tensor) -> torch.Tensor:
     """(out, in, 3, 3) kernel of "nearest x2, then conv" -> the (in, out, 4, 4) equivalent transposed kernel."""
-    k = torch.einsum("at,bu,oitu->ioab", _UP_TAPS, _UP_TAPS, w)
+    taps = _UP_TAPS.to(w.device)
+    k = torch.einsum("at,bu,oitu->ioab", taps, taps, w)
     return k.contiguous()
 
 
@@ -271,12 +273,13 @@ class FastParseNet:
             self.body = [_Block(b, dtype) for b in net.body]
             self.decoder = [_Block(b, dtype) for b in net.decoder]
             self.head = _plain(net.out_mask_conv, dtype)
+        self.device = self.head.weight.device  # the network's: inputs are moved here
 
     def mask_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, 512, 512) normalised RGB -> (B, 19, 512, 512) mask logits in the plan's dtype (channels-last)."""
         if x.dim() != 4 or tuple(x.shape[1:]) != (3, SIZE, SIZE):
             raise ValueError(f"ParseNet expects (B, 3, {SIZE}, {SIZE}) images, got {tuple(x.shape)}")
-        feat = self.stem(x.to(self.dtype).contiguous(memory_format=torch.channels_last))
+        feat = self.stem(x.to(self.device, self.dtype).contiguous(memory_format=torch.channels_last))
         for block in self.encoder:
             feat = block(feat)
         body = feat
@@ -295,13 +298,15 @@ def fast_plan(net: ParseNet, precision: str = "fp32") -> FastParseNet:
 
 
 def mask_logits(net: ParseNet, faces_bgr_u8: np.ndarray | torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """(B, H, W, 3) BGR uint8 faces -> (B, 19, 512, 512) float32 mask logits through the inference plan."""
+    """(B, H, W, 3) BGR uint8 faces -> (B, 19, 512, 512) float32 mask logits through the inference plan (run on
+    the network's device, returned on the CPU)."""
     with torch.inference_mode():
-        return fast_plan(net, precision).mask_logits(preprocess_bgr_u8(faces_bgr_u8)).float()
+        return fast_plan(net, precision).mask_logits(preprocess_bgr_u8(faces_bgr_u8)).float().cpu()
 
 
 def parse_classes(net: ParseNet, faces_bgr_u8: np.ndarray | torch.Tensor, precision: str = "fp32") -> np.ndarray:
-    """(B, H, W, 3) BGR uint8 faces -> (B, 512, 512) uint8 parse classes (argmax of the 19 mask logits)."""
+    """(B, H, W, 3) BGR uint8 faces -> (B, 512, 512) uint8 parse classes (argmax of the 19 mask logits), computed on
+    the network's device."""
     plan = fast_plan(net, precision)
     with torch.inference_mode():
-        return plan.mask_logits(preprocess_bgr_u8(faces_bgr_u8)).argmax(1).to(torch.uint8).numpy()
+        return plan.mask_logits(preprocess_bgr_u8(faces_bgr_u8)).argmax(1).to(torch.uint8).cpu().numpy()

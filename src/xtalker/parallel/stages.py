@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from xtalker.atomic import read_json, write_atomic, write_json_atomic
-from xtalker.config import InferenceConfig
-from xtalker.device import resolve_device
+from xtalker.config import AUTO_BATCH, InferenceConfig
+from xtalker.device import auto_batch_size, resolve_device
 from xtalker.finish import PasteTarget
 from xtalker.models.generator import SourceFeatures
 from xtalker.parallel.jobs import Job, job_header, jobs_root, new_job_id, record_worker
@@ -162,13 +162,17 @@ def _prepared_meta(job: Job, config: InferenceConfig) -> dict:
 
 
 def on_cpu(config: InferenceConfig) -> InferenceConfig:
-    """Jobs split a video over CPU cores: there `--device auto` means the CPU, and a GPU asked for is refused."""
-    if config.device == "auto":
-        return dataclasses.replace(config, device="cpu")
-    if resolve_device(config.device) != "cpu":
+    """Jobs split a video over CPU cores: there `--device auto` means the CPU, and a GPU asked for is refused;
+    `--batch_size auto` is the CPU's batch (the same in every stage, so the shards line up)."""
+    if config.device != "auto" and resolve_device(config.device) != "cpu":
         raise JobError(f"--device {config.device}: parallel jobs (--workers, the slot script, Flyte) render on CPU "
                        "cores; a GPU renders a whole video in one process: leave out --workers")
-    return config
+    batch_size = config.batch_size
+    if batch_size == AUTO_BATCH:
+        batch_size = auto_batch_size("cpu", config.size, config.precision)
+    if (config.device, config.batch_size) == ("cpu", batch_size):
+        return config
+    return dataclasses.replace(config, device="cpu", batch_size=batch_size)
 
 
 def stage_prepare(config: InferenceConfig, job: Job) -> Path | None:
@@ -252,10 +256,10 @@ def stage_merge(config: InferenceConfig, job: Job, shards: int, output: Path, pr
                        f"were they rendered with another --shards count than {shards}?")
     size_wh = write_video(run, _shard_batches(job, shards, config.batch_size), output, prof,
                           finisher(run, config, "merge"))
-    prof.frames = run.num_frames
+    prof.frames, prof.batch_size = run.num_frames, config.batch_size
     write_json_atomic(job.meta, {**meta, "done": True, "output": str(output)})
     return RunResult(output=output, frames=run.num_frames, size_wh=size_wh, seed=run.seed, landmarks=meta["landmarks"],
-                     profile=prof)
+                     profile=prof, batch_size=config.batch_size)
 
 
 def worker_argv(argv: Sequence[str], drop: Sequence[str] = ("--workers", "--threads", "--job", "--stage", "--shard", "--shards")) -> list[str]:

@@ -105,17 +105,23 @@ def keyframe_degrees(keyframes: Sequence[float], num_frames: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class DrivingSequence:
-    """A clip's driving rows (T, C) and optional per-frame angle overrides (T,) in degrees."""
+    """A clip's driving rows (T, C) and optional per-frame angle overrides (T,) in degrees.
+
+    A streamed clip holds only the rows near the frames being rendered: rows [offset, offset + len(coeffs)) of a
+    clip of `length` frames (None: the clip ends with the rows held).
+    """
 
     coeffs: np.ndarray
     yaw: np.ndarray | None = None
     pitch: np.ndarray | None = None
     roll: np.ndarray | None = None
     radius: int = SEMANTIC_RADIUS
+    offset: int = 0
+    length: int | None = None
 
     @property
     def num_frames(self) -> int:
-        return int(self.coeffs.shape[0])
+        return self.length if self.length is not None else self.offset + int(self.coeffs.shape[0])
 
     @property
     def channels(self) -> int:
@@ -125,16 +131,23 @@ class DrivingSequence:
     def has_angles(self) -> bool:
         return any(a is not None for a in (self.yaw, self.pitch, self.roll))
 
+    def _held(self, rows: np.ndarray) -> np.ndarray:
+        """Clip row numbers -> indices into the rows held."""
+        local = rows - self.offset
+        if local.size and (local.min() < 0 or local.max() >= self.coeffs.shape[0]):
+            raise IndexError(f"rows {rows.min()}..{rows.max()} asked, {self.offset}..{self.offset + len(self.coeffs) - 1} held")
+        return local
+
     def windows(self, start: int, stop: int) -> np.ndarray:
         """(stop - start, C, 2 radius + 1) windows: rows f - radius .. f + radius of frame f, clamped."""
         frames = _frame_indices(start, stop, self.num_frames)
         offsets = np.arange(-self.radius, self.radius + 1)
         rows = np.clip(frames[:, None] + offsets[None, :], 0, self.num_frames - 1)
-        return np.ascontiguousarray(self.coeffs[rows].transpose(0, 2, 1))
+        return np.ascontiguousarray(self.coeffs[self._held(rows)].transpose(0, 2, 1))
 
     def angles(self, start: int, stop: int) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
         """(yaw, pitch, roll) overrides of frames [start, stop) as float32 (stop - start,), None where absent."""
-        frames = _frame_indices(start, stop, self.num_frames)
+        frames = self._held(_frame_indices(start, stop, self.num_frames))
         return tuple(None if a is None else a[frames].astype(np.float32) for a in (self.yaw, self.pitch, self.roll))
 
 

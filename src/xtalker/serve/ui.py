@@ -1,7 +1,7 @@
 """`xtalker-ui` / `python app.py`: a Gradio page over one warm `XTalker`, and its `/generate` HTTP API.
 
 Picture (upload or webcam) + speech (upload or microphone) + the CLI's per-video settings -> the video, the seed
-used and the per-stage timings. One render at a time (a bounded queue shows each waiting request its place), a
+used and the per-stage timings; or, with Stream, one-second pieces played while the rest renders (`/stream`). One render at a time (a bounded queue shows each waiting request its place), a
 progress bar in frames, a cancel button, the bundled example one click away, bad input shown as its one-line
 message. Serves on 127.0.0.1 unless told otherwise; makes no network calls (analytics and hub telemetry off).
 Needs the `ui` extra (`pip install -e ".[ui]"`).
@@ -10,6 +10,7 @@ Needs the `ui` extra (`pip install -e ".[ui]"`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -17,7 +18,7 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +67,11 @@ class Page:
     def cancel(self, session: str) -> None:
         self._flag(session).set()
 
-    def generate(self, source_image: str | None, driven_audio: str | None, preset: str, size: int, preprocess: str,
+    @staticmethod
+    def _options(source_image: str | None, driven_audio: str | None, preset: str, size: int, preprocess: str,
                  still: bool, pose_style: int, expression_scale: float, enhancer: str, blend: str,
-                 seed: float | None = -1, batch_size: float | None = 0, session: str = "", progress=None
-                 ) -> tuple[str, int, str]:
-        """The page's Generate: (video path, seed used, timings). Raises `ValueError` subclasses with the message
-        to show for bad input."""
+                 seed: float | None, batch_size: float | None) -> dict[str, Any]:
+        """The page's fields as XTalker options; bad input raises a `ValueError` subclass with the message to show."""
         from xtalker.config import ConfigError
 
         if not source_image:
@@ -88,6 +88,11 @@ class Page:
             options["seed"] = int(seed)
         if batch_size is not None and int(batch_size) > 0:
             options["batch_size"] = int(batch_size)
+        options["preset"] = None if preset in (NO_PRESET, "", None) else preset
+        return options
+
+    def _watch(self, session: str, progress):
+        """A progress callback that reports frames and stops the run once this session pressed Cancel."""
         flag = self._flag(session)
         flag.clear()
 
@@ -97,10 +102,45 @@ class Page:
             if progress is not None:
                 progress((done, total), desc="rendering", unit="frames")
 
+        return on_frames
+
+    def generate(self, source_image: str | None, driven_audio: str | None, preset: str, size: int, preprocess: str,
+                 still: bool, pose_style: int, expression_scale: float, enhancer: str, blend: str,
+                 seed: float | None = -1, batch_size: float | None = 0, session: str = "", progress=None
+                 ) -> tuple[str, int, str]:
+        """The page's Generate: (video path, seed used, timings). Raises `ValueError` subclasses with the message
+        to show for bad input."""
+        options = self._options(source_image, driven_audio, preset, size, preprocess, still, pose_style,
+                                expression_scale, enhancer, blend, seed, batch_size)
         output = self.output_dir / f"xtalker-{uuid.uuid4().hex[:12]}.mp4"
-        video = self.xt.generate(source_image, driven_audio, output, progress=on_frames,
-                                 preset=None if preset in (NO_PRESET, "", None) else preset, **options)
+        video = self.xt.generate(source_image, driven_audio, output, progress=self._watch(session, progress), **options)
         return str(video.output), video.seed, timings_markdown(video)
+
+    def stream(self, source_image: str | None, driven_audio: str | None, preset: str, size: int, preprocess: str,
+               still: bool, pose_style: int, expression_scale: float, enhancer: str, blend: str,
+               seed: float | None = -1, batch_size: float | None = 0, session: str = "", progress=None
+               ) -> Iterator[tuple[str, int, str]]:
+        """The page's Stream: one-second mp4 segments as soon as they are rendered, each as (segment path, seed,
+        status line); the speech is fed to the renderer as a live source would deliver it."""
+        from xtalker.media import load_audio
+        from xtalker.stream import file_chunks, segments
+
+        options = self._options(source_image, driven_audio, preset, size, preprocess, still, pose_style,
+                                expression_scale, enhancer, blend, seed, batch_size)
+        wav = load_audio(driven_audio)
+        total = len(wav) // 640
+        live = self.xt.stream(source_image, file_chunks(wav), **options)
+        on_frames = self._watch(session, progress)
+
+        def watched() -> Iterator:
+            for frames in live:
+                on_frames(live.frames, total)
+                yield frames
+
+        folder = Path(tempfile.mkdtemp(prefix="stream-", dir=self.output_dir))
+        for path in segments(watched(), wav, folder):
+            yield (str(path), live.seed,
+                   f"{live.frames}/{total} frames; first frame after {live.first_frame_s:.2f} s")
 
 
 def build(xt, output_dir: Path, max_queue: int = 8):
@@ -119,22 +159,35 @@ def build(xt, output_dir: Path, max_queue: int = 8):
     page = Page(xt, output_dir)
     presets = [NO_PRESET, *load_presets()]
 
-    def generate(source_image, driven_audio, preset, size, preprocess, still, pose_style, expression_scale,
-                 enhancer, blend, seed, batch_size, request: gr.Request, progress=gr.Progress()):
-        session = getattr(request, "session_hash", None) or ""
+    @contextlib.contextmanager
+    def shown_as_messages():
+        """Errors as one message on the page and one log line, never a traceback."""
         try:
-            return page.generate(source_image, driven_audio, preset, size, preprocess, still, pose_style,
-                                 expression_scale, enhancer, blend, seed, batch_size, session, progress)
+            yield
         except Cancelled:
             log.warning("request cancelled")
             raise gr.Error("Cancelled: no video was written.", print_exception=False) from None
         except USER_ERRORS as e:
             log.warning("request refused: %s", e)
             raise gr.Error(str(e), print_exception=False) from None
-        except Exception as e:  # never a traceback on the page; the server's log keeps it
+        except Exception as e:  # the server's log keeps the traceback
             log.exception("generate failed")
             raise gr.Error(f"internal error ({type(e).__name__}: {e}); see the server's log",
                            print_exception=False) from None
+
+    def generate(source_image, driven_audio, preset, size, preprocess, still, pose_style, expression_scale,
+                 enhancer, blend, seed, batch_size, request: gr.Request, progress=gr.Progress()):
+        session = getattr(request, "session_hash", None) or ""
+        with shown_as_messages():
+            return page.generate(source_image, driven_audio, preset, size, preprocess, still, pose_style,
+                                 expression_scale, enhancer, blend, seed, batch_size, session, progress)
+
+    def stream(source_image, driven_audio, preset, size, preprocess, still, pose_style, expression_scale,
+               enhancer, blend, seed, batch_size, request: gr.Request, progress=gr.Progress()):
+        session = getattr(request, "session_hash", None) or ""
+        with shown_as_messages():
+            yield from page.stream(source_image, driven_audio, preset, size, preprocess, still, pose_style,
+                                   expression_scale, enhancer, blend, seed, batch_size, session, progress)
 
     def cancel(request: gr.Request):
         page.cancel(getattr(request, "session_hash", None) or "")
@@ -166,16 +219,22 @@ def build(xt, output_dir: Path, max_queue: int = 8):
                     batch_size = gr.Number(value=0, precision=0, minimum=0, label="batch size (0: the preset's)")
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    live_run = gr.Button("Stream (watch while it renders)", elem_id="stream")
                     stop = gr.Button("Cancel", elem_id="cancel")
             with gr.Column():
                 video = gr.Video(label="video", elem_id="video")
+                live = gr.Video(label="live (one-second pieces as they are rendered)", streaming=True, autoplay=True,
+                                elem_id="live")
                 used_seed = gr.Number(label="seed used", precision=0, interactive=False, elem_id="used_seed")
                 timings = gr.Markdown(elem_id="timings")
         gr.Examples(_examples(), inputs=[source_image, driven_audio], label="example (click to load)")
-        event = run.click(generate, [source_image, driven_audio, preset, size, preprocess, still, pose_style,
-                                     expression_scale, enhancer, blend, seed, batch_size],
-                          [video, used_seed, timings], api_name="generate", concurrency_limit=1)
-        stop.click(cancel, None, None, cancels=[event], queue=False, api_name=False)
+        fields = [source_image, driven_audio, preset, size, preprocess, still, pose_style, expression_scale, enhancer,
+                  blend, seed, batch_size]
+        event = run.click(generate, fields, [video, used_seed, timings], api_name="generate", concurrency_limit=1,
+                          concurrency_id="render")
+        streamed = live_run.click(stream, fields, [live, used_seed, timings], api_name="stream",
+                                   concurrency_limit=1, concurrency_id="render")
+        stop.click(cancel, None, None, cancels=[event, streamed], queue=False, api_name=False)
     demo.queue(max_size=max_queue, default_concurrency_limit=1)
     return demo
 

@@ -214,12 +214,23 @@ def frame_windows(mel: np.ndarray, start: int = 0, stop: int | None = None) -> n
     return np.ascontiguousarray(mel[:, idx].transpose(1, 0, 2), dtype=np.float32)
 
 
-def frame_windows_from_wav(wav_cropped: np.ndarray, start: int, stop: int) -> np.ndarray:
+def window_samples(start: int, stop: int, num_samples: int) -> tuple[int, int]:
+    """The samples [s0, s1) of a cropped waveform of `num_samples` that the windows of frames [start, stop) read."""
+    idx = window_indices(start, stop, num_mel_columns(num_samples))
+    c0, c1 = int(idx.min()), int(idx.max()) + 1
+    return max(c0 * HOP - N_FFT // 2, 0), min((c1 - 1) * HOP + N_FFT // 2, num_samples)
+
+
+def frame_windows_from_wav(
+    wav_cropped: np.ndarray, start: int, stop: int, *, offset: int = 0, num_samples: int | None = None
+) -> np.ndarray:
     """Windows of video frames [start, stop) computed from the cropped waveform, touching only the needed samples.
 
     Equal to `frame_windows(melspectrogram(wav_cropped), start, stop)`; meant for processing long audio in pieces.
+    `wav_cropped` may hold only samples [offset, offset + len) of a waveform of `num_samples` samples, as long
+    as it holds `window_samples(start, stop, num_samples)` and one sample before them.
     """
-    n = len(wav_cropped)
+    n = offset + len(wav_cropped) if num_samples is None else num_samples
     T = num_video_frames(n)
     if not 0 <= start <= stop <= T:
         raise ValueError(f"frame range [{start}, {stop}) outside [0, {T}]")
@@ -227,11 +238,12 @@ def frame_windows_from_wav(wav_cropped: np.ndarray, start: int, stop: int) -> np
         return np.zeros((0, N_MELS, MEL_STEP), dtype=np.float32)
     idx = window_indices(start, stop, num_mel_columns(n))
     c0, c1 = int(idx.min()), int(idx.max()) + 1
-    s0 = max(c0 * HOP - N_FFT // 2, 0)
-    s1 = min((c1 - 1) * HOP + N_FFT // 2, n)
+    s0, s1 = window_samples(start, stop, n)
     # Pre-emphasis of sample s0 needs sample s0 - 1 as well; drop it again afterwards.
     lead = 1 if s0 > 0 else 0
-    emphasized = preemphasis(np.asarray(wav_cropped[s0 - lead : s1]))[lead:]
+    if s0 - lead < offset or s1 > offset + len(wav_cropped):
+        raise ValueError(f"samples [{s0 - lead}, {s1}) needed, but only [{offset}, {offset + len(wav_cropped)}) given")
+    emphasized = preemphasis(np.asarray(wav_cropped[s0 - lead - offset : s1 - offset]))[lead:]
     cols = mel_columns(emphasized, c0, c1, offset=s0, num_samples=n)
     return np.ascontiguousarray(cols[:, idx - c0].transpose(1, 0, 2), dtype=np.float32)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -21,8 +22,9 @@ from xtalker.models.audio2pose import POSE_DIM, Audio2Pose, PoseNoise
 COEFF_DIM = EXP_DIM + POSE_DIM  # 70
 SAVGOL_WINDOW = 13
 SAVGOL_POLYORDER = 2
-# Frames per ExpNet call (upstream uses 10; frames are independent, so this only trades memory for speed).
-EXP_CHUNK = 64
+# Frames per ExpNet call, in blocks from frame 0 (upstream uses 10). Frames are independent up to the last bits,
+# which depend on the call's batch: a stream calls ExpNet on the same blocks, so 32 keeps its look-ahead short.
+EXP_CHUNK = 32
 BLINK_SHAPE = (0.5, 0.9, 1.0, 0.9, 0.5)
 BLINK_MIN_FRAMES = 21  # clips of 20 frames or fewer get no blinks
 
@@ -39,25 +41,36 @@ def _randrange(rng: random.Random | np.random.Generator, lo: int, hi: int) -> in
     return rng.randrange(lo, hi)
 
 
+def blink_gaps(num_frames: int) -> tuple[int, int]:
+    """The range [lo, hi) blink gaps are drawn from for a clip of `num_frames` frames (at least 140: [10, 70))."""
+    lo = min(10, num_frames)
+    return lo, max(min(num_frames // 2, 70), lo + 1)
+
+
+def blink_starts(rng: random.Random | np.random.Generator, gaps: tuple[int, int]) -> Iterator[int]:
+    """First frames of the blinks, in order, without end: each a random gap after the previous blink ends."""
+    frame = 0
+    while True:
+        start = frame + _randrange(rng, *gaps)
+        yield start
+        frame = start + len(BLINK_SHAPE)
+
+
 def blink_ratio(num_frames: int, rng: random.Random | np.random.Generator) -> np.ndarray:
     """Eye-blink curve (T, 1) float32: 5-frame blinks separated by random gaps (spec section 4).
 
     Gaps are uniform in [min(10, T), min(T // 2, 70)), as upstream. For T = 21 that range is empty and
     upstream crashes; here the gap is then 10 (the range's lower end), which gives the same single blink
-    at frames 10-14 that T = 22 always gets.
+    at frames 10-14 that T = 22 always gets. A blink is kept while it ends before the last frame.
     """
     ratio = np.zeros((num_frames, 1), dtype=np.float32)
     if num_frames < BLINK_MIN_FRAMES:
         return ratio
-    lo = min(10, num_frames)
-    hi = max(min(num_frames // 2, 70), lo + 1)
-    frame = 0
-    while True:
-        start = frame + _randrange(rng, lo, hi)
+    for start in blink_starts(rng, blink_gaps(num_frames)):
         if start + len(BLINK_SHAPE) > num_frames - 1:
             return ratio
         ratio[start : start + len(BLINK_SHAPE), 0] = BLINK_SHAPE
-        frame = start + len(BLINK_SHAPE)
+    return ratio
 
 
 def savgol_window(num_frames: int, window: int = SAVGOL_WINDOW) -> int:

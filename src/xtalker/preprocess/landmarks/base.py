@@ -75,7 +75,8 @@ class BackendSpec:
     """A registered backend.
 
     `module` must define `unavailable_reason(checkpoint_dir) -> str | None` (None when it can run) and
-    `create(checkpoint_dir) -> LandmarkBackend`. "auto" tries the highest `priority` first.
+    `create(checkpoint_dir, device) -> LandmarkBackend` (`device` resolved: "cpu", "cuda:N"; a backend that cannot
+    use it runs where it can). "auto" tries the highest `priority` first.
     """
 
     name: str
@@ -116,10 +117,11 @@ def _spec(name: str) -> BackendSpec:
         raise LandmarkBackendError(f"unknown landmark backend {name!r}; choose one of {choices}") from None
 
 
-def get_backend(name: str = "auto", checkpoint_dir: Path | str | None = None) -> LandmarkBackend:
+def get_backend(name: str = "auto", checkpoint_dir: Path | str | None = None, device: str = "cpu") -> LandmarkBackend:
     """A ready backend: `name` itself, or for "auto" the most preferred one that can run here.
 
-    Models are loaded once here, so keep the instance for every image and frame of a run.
+    Models are loaded once here, so keep the instance for every image and frame of a run. `device` (resolved:
+    "cpu", "cuda:N"): where its torch networks run (upstream's; MediaPipe's TFLite models stay on the CPU).
     """
     folder = None if checkpoint_dir is None else Path(checkpoint_dir)
     if name != "auto":
@@ -127,14 +129,14 @@ def get_backend(name: str = "auto", checkpoint_dir: Path | str | None = None) ->
         reason = _module(spec).unavailable_reason(folder)
         if reason is not None:
             raise LandmarkBackendError(f"landmark backend {name!r} cannot run: {reason}")
-        return _module(spec).create(folder)
+        return _module(spec).create(folder, device=device)
     reasons = []
     for candidate in backend_names():
         spec = _REGISTRY[candidate]
         reason = _module(spec).unavailable_reason(folder)
         if reason is None:
             log.debug("landmark backend: %s (%s)", spec.name, spec.description)
-            return _module(spec).create(folder)
+            return _module(spec).create(folder, device=device)
         log.debug("landmark backend %s skipped: %s", spec.name, reason)
         reasons.append(f"{spec.name}: {reason}")
     raise LandmarkBackendError("no landmark backend can run here (" + "; ".join(reasons) + ")")

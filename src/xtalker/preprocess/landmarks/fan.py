@@ -125,22 +125,26 @@ class FanSteps:
 
 
 class FanLandmarks:
-    """The AWing FAN landmark step as SadTalker runs it, on several faces at once."""
+    """The AWing FAN landmark step as SadTalker runs it, on several faces at once. The network runs on `device`
+    ("cpu", "cuda:N"); crops, heatmap decoding and points stay on the CPU."""
 
-    def __init__(self, net: FAN, max_batch: int = DEFAULT_MAX_BATCH):
-        self.net = net.eval()
+    def __init__(self, net: FAN, max_batch: int = DEFAULT_MAX_BATCH, device: str = "cpu"):
+        self.device = torch.device(device)
+        self.net = net.eval().to(self.device)
         self.max_batch = max_batch
 
     @classmethod
-    def from_file(cls, path: str | Path, max_batch: int = DEFAULT_MAX_BATCH) -> FanLandmarks:
-        return cls(load_awing(path), max_batch)
+    def from_file(cls, path: str | Path, max_batch: int = DEFAULT_MAX_BATCH, device: str = "cpu") -> FanLandmarks:
+        return cls(load_awing(path), max_batch, device)
 
     @torch.inference_mode()
     def heatmaps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """FAN heatmaps (B, 99, 64, 64) and earlier boundary maps, in float32 whatever autocast is active."""
-        with torch.autocast("cpu", enabled=False):
+        """FAN heatmaps (B, 99, 64, 64) and earlier boundary maps, in float32 whatever autocast is active, on the
+        CPU (the network runs on its device)."""
+        x = x.to(self.device)
+        with torch.autocast(self.device.type, enabled=False):
             parts = [self.net.forward_with_boundaries(x[i : i + self.max_batch]) for i in range(0, len(x), self.max_batch)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return torch.cat([p[0] for p in parts]).cpu(), torch.cat([p[1] for p in parts]).cpu()
 
     def steps(self, images_rgb_u8: Sequence[np.ndarray], boxes: Sequence[Sequence[float]] | np.ndarray) -> FanSteps:
         """Run the whole step for image i with box i (each box (x1, y1, x2, y2, ...) in image pixels)."""

@@ -14,6 +14,9 @@ Pipeline per image:
    each on the crop recomputed from the previous mesh (steadier points). Its face-presence output
    rejects false detections.
 4. 68 points = fixed averages of mesh vertices (`MESH_TO_IBUG68`).
+
+The models are TFLite graphs run by LiteRT on the CPU whatever `--device` says (`create` takes the device for
+the backend interface and ignores it).
 """
 
 from __future__ import annotations
@@ -126,7 +129,8 @@ def unavailable_reason(checkpoint_dir: Path | None = None) -> str | None:
     return None
 
 
-def create(checkpoint_dir: Path | None = None) -> MediaPipeBackend:
+def create(checkpoint_dir: Path | None = None, device: str = "cpu") -> MediaPipeBackend:
+    """The backend; `device` is ignored: TFLite runs on the CPU."""
     return MediaPipeBackend()
 
 

@@ -6,7 +6,8 @@ Upstream runs the detector twice with different channel orders: on the whole sou
 RGB array where BGR is expected (`picture=True` reproduces that, since the crop box depends on it), on the
 square crop and on reference-video frames it converts correctly. Both networks stay in fp32: bf16 moves
 detector scores across the 0.97 threshold and FAN argmaxes (aux spec 6.5), and together they cost well
-under a second per picture.
+under a second per picture. Both run on the run's device (`create(..., device=)`); the crop, decoding and
+NMS stay on the CPU.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ class UpstreamBackend:
 
     name = "upstream"
 
-    def __init__(self, detector_path: Path, fan_path: Path):
-        self.detector = FaceDetector.from_file(detector_path)
-        self.fan = FanLandmarks.from_file(fan_path)
+    def __init__(self, detector_path: Path, fan_path: Path, device: str = "cpu"):
+        self.detector = FaceDetector.from_file(detector_path, device=device)
+        self.fan = FanLandmarks.from_file(fan_path, device=device)
 
     def _faces(self, images_rgb: Sequence[np.ndarray], detections: Sequence[np.ndarray]) -> list[list[Face]]:
         pairs = [(i, det, box) for i, dets in enumerate(detections) for det in dets[:MAX_FACES]
@@ -82,8 +83,8 @@ class UpstreamBackend:
         return self._faces(frames, self.detector.detect([f[..., ::-1] for f in frames], CONF_THRESHOLD, NMS_THRESHOLD))
 
 
-def create(checkpoint_dir: Path | None = None) -> UpstreamBackend:
+def create(checkpoint_dir: Path | None = None, device: str = "cpu") -> UpstreamBackend:
     detector, fan = locate(DETECTOR_FILE, checkpoint_dir), locate(FAN_FILE, checkpoint_dir)
     if detector is None or fan is None:
         raise FileNotFoundError(unavailable_reason(checkpoint_dir))
-    return UpstreamBackend(detector, fan)
+    return UpstreamBackend(detector, fan, device)
