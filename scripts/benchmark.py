@@ -7,6 +7,7 @@
     python scripts/benchmark.py landmarks [--repeats 3]
     python scripts/benchmark.py parallel [--frames 24] [--precision bf16] [--checkpoint_dir C]
     python scripts/benchmark.py serve [--videos 10] [--frames 4] [--precision bf16] [--checkpoint_dir C]
+    python scripts/benchmark.py gpu [--device cuda] [--sizes 256,512] [--precisions fp32,fp16,bf16] [--out DIR]
 
 speed: the same driving inputs (from the bundled example) through each renderer configuration, each in a
   fresh process: seconds per frame, speedup against the fp32 eager batch-2 baseline with upstream's work
@@ -21,6 +22,14 @@ parallel: whole CLI runs (fresh processes) over a grid of core slots x threads p
 serve: many short videos, as upstream's users make them (a shell loop of `inference.py` runs, each loading
   every network) against `xtalker batch` over the same list (one load): wall time of each, seconds of
   overhead per video, and what each batch video loaded.
+
+gpu: issue 15 on a CUDA GPU, in one process (torch.compile in a child with a timeout): per size and precision,
+  renderer s/frame and fps at a batch (warm-up excluded), PSNR against fp32 frames of the same inputs, peak GPU
+  memory, speedup against upstream's computation measured in the same run (official-layout generator, fp32,
+  eager, batch 2, source work per batch); rows for cudnn.benchmark, channels-last and torch.compile; a whole
+  `generate` run with encode (skipped without PyAV: renderer-only mode, also `--renderer_only`); first-frame latency
+  and sustained fps of `XTalker.stream`; the issue's targets as a checklist, and torch.profiler's top kernels when
+  one is missed. `--device cpu --sizes 256 --frames 1 --precisions fp32` is a smoke test. Writes gpu.json, gpu.md.
 
 memory: peak resident memory of whole runs in fresh processes, for clips of several lengths.
   * real: the full pipeline, networks included (fp32 rendering is slow, so these clips are short);
@@ -54,12 +63,14 @@ SPEECH = REPO / "examples" / "driven_audio" / "hello.wav"
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def _write_results(name: str, data: dict, table: str) -> None:
-    """benchmarks/results/NAME.json and NAME.md; the table also goes to stdout."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(table)
-    sys.stdout.write(table)
+def _write_results(name: str, data: dict, table: str, folder: Path | None = None, echo: bool = True) -> None:
+    """benchmarks/results/NAME.json and NAME.md (or in `folder`); the table also goes to stdout unless `echo` is off."""
+    folder = RESULTS if folder is None else Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (folder / f"{name}.md").write_text(table)
+    if echo:
+        sys.stdout.write(table)
 
 
 def _speech_of_length(seconds: float, folder: Path) -> Path:
@@ -208,27 +219,29 @@ def _flops_per_frame(checkpoint_dir: Path, inputs: Path) -> dict[str, float]:
     return {"frame": float(frame_count.get_total_flops()), "source": float(source_count.get_total_flops())}
 
 
-def _matmul_peak(dtype_name: str, seconds: float = 1.5) -> float:
-    """Sustained GFLOP/s of a large square matmul in this process's thread setting."""
+def _matmul_peak(dtype_name: str, seconds: float = 1.5, device: str = "cpu", n: int = 2048) -> float:
+    """Sustained GFLOP/s of a large square matmul in this process's thread setting (or on a CUDA `device`)."""
     import torch
 
-    n = 2048
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     if dtype_name == "int8":
-        a = torch.randint(-100, 100, (n, n), dtype=torch.int8)
-        b = torch.randint(-100, 100, (n, n), dtype=torch.int8)
+        a = torch.randint(-100, 100, (n, n), dtype=torch.int8, device=device)
+        b = torch.randint(-100, 100, (n, n), dtype=torch.int8, device=device)
 
         def op():
             return torch._int_mm(a, b)
     else:
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
 
         def op():
             return a @ b
     op()
+    sync()
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         op()
+        sync()
         count += 1
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
 
@@ -679,6 +692,681 @@ def serve(args: argparse.Namespace) -> None:
     _write_results("serve", data, "\n".join(lines) + "\n")
 
 
+# ---------------------------------------------------------------------------------------------- gpu
+
+# Issue 15's targets: renderer fps at 256 in fp16/bf16 (at a PSNR floor against fp32), whole runs, first frame of a
+# stream, and speedup against upstream's computation.
+GPU_TARGETS = {"renderer_fps": 100.0, "renderer_psnr_db": 40.0, "e2e_fps": 25.0, "first_frame_s": 1.0, "speedup": 5.0}
+HALF = ("fp16", "bf16")
+GPU_DEFAULTS = {  # device type: (timed frames, batch, warm-up batches, end-to-end clip frames)
+    "cuda": (32, 8, 2, 100),
+    "cpu": (2, 2, 0, None),  # None: the timed frames
+}
+CHUNK_S = 0.2  # streamed speech per chunk
+
+
+def _finite(value):
+    """JSON-safe: inf / nan -> None, recursively."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+
+
+class _Flags:
+    """cuDNN settings for one configuration, restored afterwards (tf32 None: PyTorch's defaults, left alone; False:
+    convolutions and matmuls in true float32)."""
+
+    def __init__(self, tf32: bool | None = None, benchmark: bool = False):
+        self.tf32, self.benchmark = tf32, benchmark
+
+    def __enter__(self):
+        import torch
+
+        cudnn = torch.backends.cudnn
+        self.saved = (cudnn.allow_tf32, cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32)
+        if self.tf32 is not None:
+            cudnn.allow_tf32 = self.tf32
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        cudnn.benchmark = self.benchmark
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = self.saved
+        return False
+
+
+def _synthetic_renderer_inputs(frames: int) -> dict[str, np.ndarray]:
+    """Renderer inputs without the pipeline (no PyAV, soxr or landmark backend): the bundled portrait, centre-cropped,
+    and smooth made-up coefficients (expression, angles in radians, translation) around a fixed source row."""
+    import cv2
+
+    from xtalker.render import DrivingSequence, source_image
+
+    rgb = cv2.cvtColor(cv2.imread(str(PORTRAIT)), cv2.COLOR_BGR2RGB)
+    h, w = rgb.shape[:2]
+    s = min(h, w)
+    crop = rgb[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    rng = np.random.default_rng(0)
+    row = np.zeros(70, np.float32)
+    row[:64] = rng.normal(0.0, 0.3, 64)
+    t = np.arange(frames, dtype=np.float32)[:, None] / 25.0
+    phase = rng.uniform(0, 2 * np.pi, 70).astype(np.float32)
+    amplitude = np.concatenate([np.full(64, 0.4), np.full(3, 0.08), np.full(3, 0.02)]).astype(np.float32)
+    coeffs = row + amplitude * np.sin(2 * np.pi * 0.7 * t + phase)
+    return {
+        "image": source_image(cv2.resize(crop, (256, 256), interpolation=cv2.INTER_AREA)),
+        "semantics": np.ascontiguousarray(np.repeat(row[None, :, None], 27, axis=2)),
+        "windows": DrivingSequence(coeffs=coeffs.astype(np.float32)).windows(0, frames),
+    }
+
+
+def _at_size(data: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """The 256 inputs with the source image resized (bicubic) for another size; the coefficients are size-free."""
+    import cv2
+
+    if data["image"].shape[-1] == size:
+        return data
+    hwc = data["image"][0].transpose(1, 2, 0)
+    image = np.clip(cv2.resize(hwc, (size, size), interpolation=cv2.INTER_CUBIC), 0, 1).transpose(2, 0, 1)
+    return {**data, "image": np.ascontiguousarray(image[None], dtype=np.float32)}
+
+
+def _gpu_base(checkpoint_dir: Path, size: int):
+    """The fp32 renderer of `size` on the CPU (each configuration starts from a copy) and its checkpoint paths."""
+    from xtalker.checkpoints import find_checkpoints
+    from xtalker.render import Renderer
+
+    paths = find_checkpoints(checkpoint_dir, size)
+    return Renderer.from_checkpoints(paths.packed, paths.mapping, paths.coeff_nc), paths
+
+
+def _channels_last(module) -> None:
+    """Convolution weights to channels-last (2-D) / channels-last-3d (3-D), in place; activations follow them."""
+    import torch
+
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+            fmt = torch.channels_last if m.weight.dim() == 4 else torch.channels_last_3d
+            m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+
+
+def _gpu_renderer(base, paths, precision: str, variants: tuple[str, ...], device, compile_mode: str = "default"):
+    """A renderer for one configuration on `device`: a copy of the base generator (or upstream's layout for
+    "official") set to `precision`, with the variant options applied."""
+    import copy
+
+    import torch
+
+    from xtalker.render import Renderer
+    from xtalker.render.precision import prepare_generator
+
+    generator = _official_layout_generator(paths.packed) if "official" in variants else copy.deepcopy(base.generator)
+    prepare_generator(generator, precision)
+    renderer = Renderer(base.kp_detector.to(device), generator.to(device), base.mapping.to(device))
+    if "channels_last" in variants:
+        _channels_last(renderer.generator)
+    if "compile" in variants:
+        renderer.generator.animate = torch.compile(renderer.generator.animate, mode=compile_mode)
+    return renderer
+
+
+def _upstream_source(renderer, image, semantics, batch: int):
+    """Upstream's source work for one batch: keypoints, source pose and appearance features of `batch` copies."""
+    import torch
+
+    from xtalker.render import PreparedSource
+    from xtalker.render.keypoints import transform_keypoints
+
+    device = renderer.device
+    images = torch.from_numpy(image).to(device).expand(batch, -1, -1, -1).contiguous()
+    sem = torch.from_numpy(semantics).to(device).expand(batch, -1, -1).contiguous()
+    kp_canonical = renderer.kp_detector(images)
+    return PreparedSource(kp_canonical=kp_canonical, kp_source=transform_keypoints(kp_canonical, renderer.mapping(sem)),
+                          features=renderer.generator.encode_source(images), coeff_nc=int(sem.shape[1]),
+                          image_size=int(images.shape[-1]))
+
+
+def _gpu_measure(renderer, data: dict[str, np.ndarray], batch: int, warmup: int, device, upstream: bool = False,
+                 count_flops: bool = False) -> tuple[dict, np.ndarray]:
+    """Warm-up batches (untimed), then all windows in batches: s/frame of mapping + keypoints + generator on a
+    prepared source (upstream: source work redone every batch, the last batch padded like upstream). Frames come
+    back as float32 (N, 3, S, S) on the CPU."""
+    import contextlib
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    image, semantics, windows = data["image"], data["semantics"], data["windows"]
+    n = len(windows)
+    if upstream:
+        windows = np.concatenate([windows, np.repeat(windows[-1:], -n % batch, axis=0)])
+    flops = None
+    with torch.inference_mode():
+        source = _upstream_source(renderer, image, semantics, batch) if upstream else renderer.prepare(image, semantics)
+        first_s = None
+        for i in range(warmup):
+            counter = FlopCounterMode(display=False) if count_flops and i == 0 else contextlib.nullcontext()
+            start = time.perf_counter()
+            with counter:
+                renderer.render(source, windows[:batch])
+            _sync(device)
+            if i == 0:
+                first_s = time.perf_counter() - start
+                if count_flops:
+                    flops = float(counter.get_total_flops()) / min(batch, len(windows))
+        weights_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        outputs = []
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(0, len(windows), batch):
+            if upstream:
+                source = _upstream_source(renderer, image, semantics, batch)
+            outputs.append(renderer.render(source, windows[i:i + batch]))
+        _sync(device)
+        seconds = time.perf_counter() - start
+    frames = torch.cat(outputs)[:n].float().cpu().numpy()
+    row = {"frames": n, "batch": batch, "s_per_frame": seconds / n, "fps": n / seconds, "first_call_s": first_s,
+           "flops_per_frame": flops}
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        row.update(peak_mem_mb=peak, weights_mb=weights_mb,
+                   activation_mb_per_frame=max(0.0, peak - weights_mb) / min(batch, n) if weights_mb is not None else None)
+    else:
+        row.update(peak_mem_mb=None, weights_mb=None, activation_mb_per_frame=None)
+    return row, frames
+
+
+def _gpu_config(name: str, base, paths, data, precision: str, variants: tuple[str, ...], device, batch: int,
+                warmup: int, compile_mode: str = "default", count_flops: bool = False) -> tuple[dict, np.ndarray | None]:
+    """One configuration, errors recorded in its row instead of raised (an OOM or a failed compile moves on)."""
+    import gc
+
+    import torch
+
+    upstream = "official" in variants
+    row = {"size": paths.size, "config": name, "precision": precision, "variants": list(variants), "status": "ok"}
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    tf32 = False if "strict" in variants else None  # None: PyTorch's defaults, what a run gets
+    frames = renderer = None
+    try:
+        with _Flags(tf32=tf32 if device.type == "cuda" else None, benchmark="cudnn_benchmark" in variants):
+            renderer = _gpu_renderer(base, paths, precision, variants, device, compile_mode)
+            measured, frames = _gpu_measure(renderer, data, 2 if upstream else batch,
+                                            max(warmup, 1) if "compile" in variants else warmup, device, upstream,
+                                            count_flops)
+        row.update(measured)
+    except Exception as e:  # noqa: BLE001 - recorded, the suite goes on
+        row.update(status="error", error=_error(e))
+        sys.stderr.write(f"gpu: {paths.size} {name}: {row['error']}\n")
+    finally:
+        del renderer
+        if device.type == "cuda":
+            gc.collect()
+            torch.cuda.empty_cache()
+    return row, frames
+
+
+def _gpu_compile_one(args: argparse.Namespace) -> dict:
+    """Inside a child process (so a hang or crash is bounded): the torch.compile configuration; frames saved."""
+    import torch
+
+    device = torch.device(args.device)
+    data = dict(np.load(args.inputs))
+    base, paths = _gpu_base(args.checkpoint_dir, args.size)
+    row, frames = _gpu_config(f"{args.precision}+compile", base, paths, data, args.precision, ("compile",), device,
+                              args.batch, args.warmup, args.compile_mode)
+    if frames is not None:
+        np.save(args.frames_out, frames)
+    return row
+
+
+def _gpu_compile_row(args, size: int, precision: str, inputs: Path, folder: Path, timeout: float) -> tuple[dict, np.ndarray | None]:
+    frames_out = folder / f"compile_{size}_{precision}.npy"
+    cmd = [sys.executable, __file__, "_gpu_compile", "--device", args.device, "--checkpoint_dir", str(args.checkpoint_dir),
+           "--size", str(size), "--precision", precision, "--inputs", str(inputs), "--batch", str(args.batch),
+           "--warmup", str(args.warmup), "--compile_mode", args.compile_mode, "--frames_out", str(frames_out)]
+    row = {"size": size, "config": f"{precision}+compile", "precision": precision, "variants": ["compile"]}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=max(timeout, 1))
+    except subprocess.TimeoutExpired:
+        return {**row, "status": "error", "error": f"timed out after {timeout:.0f} s (compile + measurement)"}, None
+    if proc.returncode != 0 or not proc.stdout.strip():
+        tail = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit status {proc.returncode}"
+        return {**row, "status": "error", "error": tail[:300]}, None
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    return row, np.load(frames_out) if frames_out.is_file() else None
+
+
+def _gpu_inputs(args, folder: Path) -> tuple[dict[str, np.ndarray], str]:
+    """The 256 renderer inputs: the bundled example through the checkpoint's own networks when the pipeline can run
+    here (PyAV, soxr, a landmark backend), else made-up ones (renderer-only mode)."""
+    if not args.renderer_only:
+        try:
+            path = _speed_inputs(args.checkpoint_dir, args.frames, folder)
+            return dict(np.load(path)), "the bundled example (portrait + speech through this checkpoint's networks)"
+        except Exception as e:  # noqa: BLE001 - ImportError without PyAV/soxr, LandmarkBackendError, ...
+            reason = _error(e)
+    else:
+        reason = "--renderer_only"
+    return _synthetic_renderer_inputs(args.frames), f"made-up coefficients on the bundled portrait ({reason})"
+
+
+def _gpu_end_to_end(args, precision: str, folder: Path) -> dict:
+    """A whole `generate` run (crop mode, 256, no enhancer, H.264 encode) with the networks already loaded."""
+    out = {"precision": precision, "batch": args.batch, "size": 256}
+    if args.renderer_only:
+        return {**out, "status": "skipped", "reason": "renderer-only mode (--renderer_only)"}
+    try:
+        import av  # noqa: F401
+
+        from xtalker.config import InferenceConfig
+        from xtalker.pipeline import generate
+        from xtalker.warm import Networks
+    except ImportError as e:
+        return {**out, "status": "skipped", "reason": f"renderer-only mode: {_error(e)}"}
+    try:
+        audio = _speech_of_length(args.e2e_frames / 25 + 0.01, folder)
+        networks = Networks()
+
+        def run(name: str):
+            config = InferenceConfig(driven_audio=audio, source_image=PORTRAIT, checkpoint_dir=Path(args.checkpoint_dir),
+                                     output=folder / name, seed=0, device=args.device, precision=precision,
+                                     batch_size=args.batch, size=256)
+            start = time.perf_counter()
+            result = generate(config, networks)
+            return result, time.perf_counter() - start
+
+        if args.warmup > 0:
+            run("warm.mp4")  # loads the networks and warms the kernels; the second run is timed
+        result, wall = run("e2e.mp4")
+        stages = result.profile.as_dict()["stages_s"]
+        excluded = stages.get("load models", 0.0) if args.warmup == 0 else 0.0
+        seconds = wall - excluded
+        return {**out, "status": "measured", "frames": result.frames, "wall_s": seconds, "fps": result.frames / seconds,
+                "timed": "second run" if args.warmup > 0 else "first run minus its 'load models' stage",
+                "stages_s": stages}
+    except Exception as e:  # noqa: BLE001
+        return {**out, "status": "error", "reason": _error(e)}
+
+
+def _gpu_stream(args, precision: str, folder: Path, paced: bool) -> dict:
+    """First-frame latency and sustained fps of `XTalker.stream` fed the speech in 0.2 s chunks (models warm)."""
+    out = {"precision": precision, "batch": args.batch, "chunk_s": CHUNK_S}
+    if args.renderer_only:
+        return {**out, "status": "skipped", "reason": "renderer-only mode (--renderer_only)"}
+    try:
+        from xtalker.api import XTalker
+        from xtalker.media import load_audio
+    except ImportError as e:
+        return {**out, "status": "skipped", "reason": f"renderer-only mode: {_error(e)}"}
+    if not hasattr(XTalker, "stream"):
+        return {**out, "status": "not available", "reason": "this xtalker has no XTalker.stream"}
+    try:
+        xt = XTalker(args.checkpoint_dir, device=args.device, precision=precision, batch_size=args.batch, seed=0)
+        wav = load_audio(_speech_of_length(args.e2e_frames / 25 + 0.01, folder))
+        step = int(CHUNK_S * 16000)
+
+        def chunks(wav: np.ndarray, start: float, live: bool):
+            for i in range(0, len(wav), step):
+                if live:  # chunk i exists once its last sample has been spoken
+                    time.sleep(max(0.0, start + min(i + step, len(wav)) / 16000 - time.perf_counter()))
+                yield wav[i:i + step].astype(np.float32)
+
+        def once(wav: np.ndarray, live: bool) -> dict:
+            start = time.perf_counter()
+            first = first_n = None
+            n = 0
+            for frames in xt.stream(PORTRAIT, chunks(wav, start, live)):
+                if first is None:
+                    first, first_n = time.perf_counter() - start, len(frames)
+                n += len(frames)
+            total = time.perf_counter() - start
+            rest = total - (first or 0.0)
+            return {"first_frame_s": first, "frames": n, "wall_s": total,
+                    "sustained_fps": (n - first_n) / rest if first is not None and n > first_n and rest > 0 else None}
+
+        if args.warmup > 0:
+            once(wav[: 16000 * 2], live=False)  # kernels, cuDNN plans and caches warm
+        result = once(wav, live=paced)
+        return {**out, "status": "measured", "paced": paced, **result}
+    except Exception as e:  # noqa: BLE001
+        return {**out, "status": "error", "reason": _error(e)}
+
+
+def _gpu_profile(base, paths, data, precision: str, variants: tuple[str, ...], device, batch: int) -> dict:
+    """torch.profiler's top kernels by self CUDA time for one renderer batch (after a warm-up batch)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with _Flags(benchmark="cudnn_benchmark" in variants):
+        renderer = _gpu_renderer(base, paths, precision, tuple(v for v in variants if v != "compile"), device)
+        with torch.inference_mode():
+            source = renderer.prepare(data["image"], data["semantics"])
+            windows = data["windows"][:batch]
+            renderer.render(source, windows)
+            _sync(device)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                renderer.render(source, windows)
+                _sync(device)
+    events = prof.key_averages()
+    table = None
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            table = events.table(sort_by=key, row_limit=20, max_name_column_width=70)
+            break
+        except Exception:  # noqa: BLE001 - the sort key's name changed across torch versions
+            continue
+    top = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0), reverse=True)[:20]
+    return {"config": f"{paths.size} {precision}{''.join('+' + v for v in variants)}", "batch": batch, "table": table,
+            "top": [{"name": e.key, "calls": e.count, "self_cuda_ms": getattr(e, "self_device_time_total", 0) / 1000}
+                    for e in top]}
+
+
+def _gpu_targets(rows: list[dict], e2e: dict, stream: list[dict]) -> list[dict]:
+    t = GPU_TARGETS
+    ok = [r for r in rows if r.get("status") == "ok" and r["size"] == 256]
+    targets = []
+
+    half = [r for r in ok if r["precision"] in HALF and r["config"] != "baseline"]
+    fine = [r for r in half if (r.get("psnr_db") or 0) >= t["renderer_psnr_db"]]
+    what = f"renderer at 256 >= {t['renderer_fps']:g} fps in fp16 or bf16 at >= {t['renderer_psnr_db']:g} dB vs fp32"
+    if not half:
+        targets.append({"target": what, "status": "not measured", "value": "no fp16/bf16 row at 256"})
+    elif not fine:
+        best = max(half, key=lambda r: r.get("psnr_db") or 0)
+        targets.append({"target": what, "status": "missed",
+                        "value": f"no fp16/bf16 row reaches {t['renderer_psnr_db']:g} dB (best {best['config']} {best.get('psnr_db') or 0:.1f} dB)"})
+    else:
+        best = max(fine, key=lambda r: r["fps"])
+        targets.append({"target": what, "status": "met" if best["fps"] >= t["renderer_fps"] else "missed",
+                        "value": f"{best['fps']:.1f} fps ({best['config']}, {best['psnr_db']:.1f} dB)"})
+
+    what = f"end to end (with encode, no enhancer) >= {t['e2e_fps']:g} fps"
+    if e2e.get("status") == "measured":
+        targets.append({"target": what, "status": "met" if e2e["fps"] >= t["e2e_fps"] else "missed",
+                        "value": f"{e2e['fps']:.1f} fps ({e2e['precision']}, {e2e['frames']} frames)"})
+    else:
+        targets.append({"target": what, "status": "not measured", "value": e2e.get("reason", "")})
+
+    what = f"streaming: first frame < {t['first_frame_s']:g} s"
+    measured = [s for s in stream if s.get("status") == "measured" and s.get("first_frame_s") is not None]
+    if measured:
+        s = max(measured, key=lambda s: s["paced"])  # the live-paced run when there is one: what a user waits
+        targets.append({"target": what, "status": "met" if s["first_frame_s"] < t["first_frame_s"] else "missed",
+                        "value": f"{s['first_frame_s']:.2f} s ({'speech fed in real time' if s['paced'] else 'speech fed as fast as read'})"})
+    else:
+        targets.append({"target": what, "status": "not measured",
+                        "value": "; ".join(s.get("reason", "") for s in stream) or "not run"})
+
+    what = f">= {t['speedup']:g}x upstream's computation (baseline) at 256, at >= {t['renderer_psnr_db']:g} dB"
+    faithful = [r for r in ok if r["config"] != "baseline" and r.get("speedup") and
+                (r.get("psnr_db") is None or r["psnr_db"] >= t["renderer_psnr_db"])]
+    if faithful:
+        best = max(faithful, key=lambda r: r["speedup"])
+        targets.append({"target": what, "status": "met" if best["speedup"] >= t["speedup"] else "missed",
+                        "value": f"{best['speedup']:.2f}x ({best['config']})"})
+    else:
+        targets.append({"target": what, "status": "not measured", "value": "no baseline or no row at 256"})
+    return targets
+
+
+def _gpu_markdown(data: dict) -> str:
+    m, s = data["machine"], data["settings"]
+    where = m.get("gpu") or m["cpu"]
+    peaks = m.get("peak_tflops")
+    lines = [
+        f"# GPU benchmark (issue 15)", "",
+        f"{where} ({m['device']}), torch {m['torch']}, CUDA {m.get('cuda')}, cuDNN {m.get('cudnn')}; "
+        f"{s['frames']} timed frames per configuration after {s['warmup']} warm-up batch(es), batch {s['batch']}; "
+        f"inputs: {data['inputs']}; checkpoints: {data['checkpoints']}.",
+    ]
+    if peaks:
+        lines.append("Matmul peaks measured in the same run (8192^2): " +
+                     ", ".join(f"{k} {v:.0f}" for k, v in peaks.items()) + " TFLOP/s.")
+    lines += ["", "## Targets", ""]
+    marks = {"met": "[x] met", "missed": "[ ] MISSED", "not measured": "[ ] not measured"}
+    lines += [f"- {marks[t['status']]}: {t['target']} -- {t['value']}" for t in data.get("targets", [])]
+    lines += ["", "## Renderer", "",
+              "| size | config | precision | batch | s/frame | fps | speedup vs baseline | PSNR vs fp32 (dB) | max abs | "
+              "peak GPU memory (MB) | activations / frame (MB) | TFLOP/s | first call (s) | note |",
+              "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for r in data["rows"]:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['size']} | {r['config']} | {r['precision']} | | | | | | | | | | | "
+                         f"{r.get('status')}: {r.get('error') or r.get('reason', '')} |")
+            continue
+        psnr = "reference" if r["config"] == s["reference"] else num(r.get("psnr_db"), ".1f")
+        lines.append(
+            f"| {r['size']} | {r['config']} | {r['precision']} | {r['batch']} | {r['s_per_frame']:.4f} | {r['fps']:.1f} | "
+            f"{num(r.get('speedup'), '.2f')}x | {psnr} | {num(r.get('max_abs'), '.3g')} | {num(r.get('peak_mem_mb'), '.0f')} | "
+            f"{num(r.get('activation_mb_per_frame'), '.0f')} | {num(r.get('tflops'), '.1f')} | {num(r.get('first_call_s'), '.2f')} | |")
+    lines += ["", "Rows: `fp32` is the PSNR reference (on CUDA with TF32 off: true float32); `fp32-defaults` is "
+              "`--precision fp32` as PyTorch runs it on a GPU by default (cuDNN convolutions in TF32 on Ampere and "
+              "later); `baseline` is upstream's computation: "
+              "the official-layout generator (BatchNorms, three SPADE label convs, full-size convs), fp32 with PyTorch's "
+              "defaults, eager, batch 2, keypoints and source features of the batch's copies recomputed every batch "
+              "(timed with it); the others render on a source prepared once. `+cudnn_benchmark`: "
+              "torch.backends.cudnn.benchmark; `+channels_last`: convolution weights in channels-last (3-D ones in "
+              "channels-last-3d); `+compile`: torch.compile of the generator's per-frame call, in a fresh process (its "
+              "compile time is the first call). Peak GPU memory: torch.cuda.max_memory_allocated over the configuration "
+              "(weights included); activations / frame: (peak - memory after loading and the warm-up) / batch. "
+              "TFLOP/s: FLOPs counted by torch's FlopCounterMode on the fp32 generator / time."]
+    e = data.get("end_to_end", {})
+    lines += ["", "## End to end", ""]
+    if e.get("status") == "measured":
+        stages = ", ".join(f"{k} {v:.2f}" for k, v in e["stages_s"].items() if v)
+        lines.append(f"{e['frames']} frames at 256, {e['precision']}, batch {e['batch']}, crop mode, H.264 encode, no "
+                     f"enhancer: {e['wall_s']:.2f} s = **{e['fps']:.1f} fps** ({e['timed']}; stages in s: {stages}).")
+    else:
+        lines.append(f"{e.get('status', 'not run')}: {e.get('reason', '')}")
+    lines += ["", "## Streaming", ""]
+    for st in data.get("stream", []):
+        if st.get("status") == "measured":
+            how = "speech fed in real time (0.2 s chunks as they are spoken)" if st["paced"] else "speech fed as fast as it is read"
+            lines.append(f"- {how}: first frame after **{num(st['first_frame_s'], '.2f')} s**, {st['frames']} frames in "
+                         f"{st['wall_s']:.2f} s, sustained {num(st['sustained_fps'], '.1f')} fps after the first batch "
+                         f"({st['precision']}, batch {st['batch']}).")
+        else:
+            lines.append(f"- {st.get('status', 'not run')}: {st.get('reason', '')}")
+    p = data.get("profile")
+    if p:
+        lines += ["", f"## Profile: {p['config']}, one batch of {p['batch']} (a target was missed)", ""]
+        lines += ["```", p["table"] or "(no table)", "```"] if p.get("table") or not p.get("error") else [p["error"]]
+    if data.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(data["skipped"])]
+    lines += ["", f"Whole suite: {data.get('elapsed_s', 0):.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def _gpu_machine(device) -> dict:
+    import torch
+
+    m = {"device": str(device), "torch": torch.__version__, "cuda": torch.version.cuda, "cpu": cpu_name(),
+         "cores": os.cpu_count(), "threads": torch.get_num_threads(), "cudnn": None, "gpu": None}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        m.update(cudnn=torch.backends.cudnn.version(), gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                 multiprocessors=props.multi_processor_count,
+                 tf32_defaults={"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32})
+    return m
+
+
+def gpu(args: argparse.Namespace) -> None:
+    """Renderer speed, fidelity and memory per size, precision and CUDA option; a whole run; streaming latency."""
+    import torch
+
+    from xtalker.device import resolve_device
+    from xtalker.synthetic import default_cache_dir, ensure_cached, is_synthetic_folder
+
+    from xtalker.config import ConfigError
+
+    started = time.perf_counter()
+    try:
+        device = torch.device(resolve_device(args.device))
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
+    frames, batch, warmup, e2e_frames = GPU_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    args.frames = args.frames or frames
+    args.batch = min(args.batch or batch, args.frames)
+    args.warmup = warmup if args.warmup is None else args.warmup
+    args.e2e_frames = args.e2e_frames or e2e_frames or args.frames
+    if args.checkpoint_dir is None:
+        args.checkpoint_dir = ensure_cached(default_cache_dir())
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    precisions = [p for p in args.precisions.split(",") if p]
+    cuda = device.type == "cuda"
+    variants_on = cuda or args.all_variants
+    skipped: list[str] = []
+    if not cuda and "fp16" in precisions:
+        precisions.remove("fp16")
+        skipped.append("fp16 on the CPU (a CUDA path: about 100x slower than fp32 there)")
+    compile_precision = args.compile_precision or next((p for p in ("fp16", "bf16") if p in precisions), "fp32")
+    compile_sizes = [int(s) for s in args.compile_sizes.split(",") if s] if variants_on else []
+
+    def over_budget(what: str) -> bool:
+        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+            skipped.append(f"{what} (past --budget_s {args.budget_s:g})")
+            return True
+        return False
+
+    out = Path(args.out) if args.out else None
+    data = {
+        "suite": "gpu", "machine": _gpu_machine(device),
+        "settings": {"frames": args.frames, "batch": args.batch, "warmup": args.warmup, "sizes": sizes,
+                     "precisions": precisions, "e2e_frames": args.e2e_frames, "renderer_only": args.renderer_only,
+                     "all_variants": args.all_variants, "compile_mode": args.compile_mode, "reference": "fp32"},
+        "targets_wanted": GPU_TARGETS, "checkpoints": "synthetic" if is_synthetic_folder(args.checkpoint_dir)
+        else str(args.checkpoint_dir), "rows": [], "skipped": skipped,
+    }
+
+    def save(echo: bool = False) -> None:
+        data["elapsed_s"] = time.perf_counter() - started
+        _write_results("gpu", _finite(data), _gpu_markdown(data), out, echo)
+
+    if cuda:
+        data["machine"]["peak_tflops"] = {p: _matmul_peak(p, 0.4, str(device), 8192) / 1e3 for p in ("fp32", "fp16", "bf16")}
+    rows = data["rows"]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        inputs256, data["inputs"] = _gpu_inputs(args, folder)
+        bases, refs, inputs = {}, {}, {}
+
+        def add(row: dict, frames: np.ndarray | None, size: int) -> None:
+            ref = refs.get(size)
+            if frames is not None and ref is not None:
+                row["psnr_db"] = _psnr(frames, ref)
+                row["max_abs"] = float(np.abs(frames - ref).max())
+            base_row = next((r for r in rows if r["size"] == size and r["config"] == "baseline" and r["status"] == "ok"), None)
+            if row.get("status") == "ok":
+                flops = next((r.get("flops_per_frame") for r in rows if r["size"] == size and r.get("flops_per_frame")), None)
+                row["flops_per_frame"] = row.get("flops_per_frame") or flops
+                row["tflops"] = flops / row["s_per_frame"] / 1e12 if flops and row["config"] != "baseline" else None
+                row["speedup"] = base_row["s_per_frame"] / row["s_per_frame"] if base_row else None
+            rows.append(row)
+            sys.stderr.write(f"gpu: {size} {row['config']}: "
+                             + (f"{row['fps']:.1f} fps" if row.get("status") == "ok" else row.get("error", "")) + "\n")
+            save()
+
+        # 1. per size: the reference, the baseline, each precision eager
+        for size in sizes:
+            data_s = inputs[size] = _at_size(inputs256, size)
+            np.savez(folder / f"inputs_{size}.npz", **data_s)
+            bases[size] = _gpu_base(args.checkpoint_dir, size)
+            base, paths = bases[size]
+            row, ref = _gpu_config("fp32", base, paths, data_s, "fp32", ("strict",), device, args.batch, args.warmup,
+                                   count_flops=args.warmup > 0)
+            refs[size] = ref
+            add(row, ref, size)
+            row, frames_ = _gpu_config("baseline", base, paths, data_s, "fp32", ("official",), device, 2, args.warmup)
+            add(row, frames_, size)
+            for r in rows:  # speedups of rows measured before the baseline
+                if r["size"] == size and r.get("status") == "ok" and row.get("status") == "ok":
+                    r["speedup"] = row["s_per_frame"] / r["s_per_frame"]
+            if cuda:
+                add(*_gpu_config("fp32-defaults", base, paths, data_s, "fp32", ("defaults",), device, args.batch,
+                                 args.warmup), size)
+            for precision in precisions:
+                if precision != "fp32":
+                    add(*_gpu_config(precision, base, paths, data_s, precision, (), device, args.batch, args.warmup), size)
+
+        # 2. a whole run and the stream, in the fastest eager half precision at 256
+        eager = [r for r in rows if r["size"] == 256 and r.get("status") == "ok" and r["precision"] in HALF and not r["variants"]]
+        run_precision = max(eager, key=lambda r: r["fps"])["precision"] if eager else "fp32"
+        data["end_to_end"] = _gpu_end_to_end(args, run_precision, folder)
+        save()
+        data["stream"] = [_gpu_stream(args, run_precision, folder, paced=False)]
+        if data["stream"][0].get("status") == "measured" and (cuda or args.all_variants) and not over_budget("paced stream"):
+            data["stream"].append(_gpu_stream(args, run_precision, folder, paced=True))
+        save()
+
+        # 3. what pays on CUDA, cheapest first: cudnn.benchmark, channels-last and both at 256; a kernel table when a
+        # target is missed; torch.compile (a child process, bounded); the same options at the other sizes
+        options = ([("cudnn_benchmark",), ("channels_last",), ("channels_last", "cudnn_benchmark")] if cuda
+                   else [("channels_last",)]) if variants_on else []
+
+        def variant_rows(size: int) -> None:
+            base, paths = bases[size]
+            for precision in [p for p in precisions if p in HALF] or ["fp32"]:
+                for variant in options:
+                    name = precision + "".join("+" + v for v in variant)
+                    if not over_budget(f"{size} {name}"):
+                        add(*_gpu_config(name, base, paths, inputs[size], precision, variant, device, args.batch,
+                                         args.warmup), size)
+
+        first = sizes[:1]
+        for size in first:
+            variant_rows(size)
+        data["targets"] = _gpu_targets(rows, data["end_to_end"], data["stream"])
+        if cuda and any(t["status"] == "missed" for t in data["targets"]) and 256 in bases:
+            fastest = [r for r in rows if r["size"] == 256 and r.get("status") == "ok" and r["config"] != "baseline"]
+            if fastest and not over_budget("profile"):
+                best = max(fastest, key=lambda r: r["fps"])
+                try:
+                    data["profile"] = _gpu_profile(*bases[256], inputs[256], best["precision"],
+                                                   tuple(v for v in best["variants"] if v not in ("strict", "defaults")),
+                                                   device, args.batch)
+                except Exception as e:  # noqa: BLE001
+                    data["profile"] = {"config": best["config"], "batch": args.batch, "table": None, "error": _error(e)}
+            save()
+        for size in [s for s in compile_sizes if s in sizes]:
+            if over_budget(f"{size} {compile_precision}+compile"):
+                continue
+            left = args.compile_timeout if args.budget_s is None else min(
+                args.compile_timeout, args.budget_s - (time.perf_counter() - started))
+            if left < 20:
+                skipped.append(f"{size} {compile_precision}+compile (under 20 s of --budget_s left)")
+                continue
+            add(*_gpu_compile_row(args, size, compile_precision, folder / f"inputs_{size}.npz", folder, left), size)
+        for size in sizes[1:]:
+            variant_rows(size)
+        data["targets"] = _gpu_targets(rows, data["end_to_end"], data["stream"])
+    save(echo=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="suite", required=True)
@@ -708,6 +1396,35 @@ def main() -> None:
     srv.add_argument("--videos", type=int, default=10)
     srv.add_argument("--frames", type=int, default=4, help="frames per video")
     srv.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "int8"))
+    gp = sub.add_parser("gpu", help="CUDA: renderer speed, fidelity and memory per size, precision and option; end to "
+                                    "end; streaming latency; issue 15's targets")
+    gp.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu (tiny settings, for a smoke test)")
+    gp.add_argument("--checkpoint_dir", type=Path, default=None, help="default: synthetic checkpoints in the cache")
+    gp.add_argument("--out", type=Path, default=None, help="write gpu.json and gpu.md here (default: benchmarks/results)")
+    gp.add_argument("--sizes", default="256,512", help="comma-separated, e.g. 256")
+    gp.add_argument("--precisions", default="fp32,fp16,bf16", help="comma-separated; fp32 is always measured (reference)")
+    gp.add_argument("--frames", type=int, default=None, help="timed frames per configuration (default: cuda 32, cpu 2)")
+    gp.add_argument("--batch", type=int, default=None, help="renderer batch (default: cuda 8, cpu 2)")
+    gp.add_argument("--warmup", type=int, default=None, help="untimed warm-up batches (default: cuda 2, cpu 0)")
+    gp.add_argument("--e2e_frames", type=int, default=None, help="clip length of the end-to-end run (default: cuda 100, cpu --frames)")
+    gp.add_argument("--renderer_only", action="store_true", help="no end-to-end or streaming runs (also automatic without PyAV/soxr)")
+    gp.add_argument("--all_variants", action="store_true", help="channels-last and compile rows on the CPU too")
+    gp.add_argument("--compile_sizes", default="256", help="sizes with a torch.compile row (comma-separated; empty: none)")
+    gp.add_argument("--compile_precision", default=None, choices=("fp32", "fp16", "bf16"), help="default: fp16 if measured, else bf16")
+    gp.add_argument("--compile_mode", default="default", help="torch.compile mode")
+    gp.add_argument("--compile_timeout", type=float, default=150.0, help="seconds for the compile row's process")
+    gp.add_argument("--budget_s", type=float, default=170.0, help="skip the optional parts (variants, compile, paced "
+                                                                   "stream, profile) once the suite has run this long")
+    gpc = sub.add_parser("_gpu_compile", help=argparse.SUPPRESS)
+    gpc.add_argument("--device", required=True)
+    gpc.add_argument("--checkpoint_dir", type=Path, required=True)
+    gpc.add_argument("--size", type=int, required=True)
+    gpc.add_argument("--precision", required=True)
+    gpc.add_argument("--inputs", type=Path, required=True)
+    gpc.add_argument("--batch", type=int, required=True)
+    gpc.add_argument("--warmup", type=int, required=True)
+    gpc.add_argument("--compile_mode", default="default")
+    gpc.add_argument("--frames_out", type=Path, required=True)
     sp1 = sub.add_parser("_speed", help=argparse.SUPPRESS)
     sp1.add_argument("--config", choices=list(SPEED_CONFIGS), required=True)
     sp1.add_argument("--inputs", type=Path, required=True)
@@ -722,8 +1439,8 @@ def main() -> None:
     one.add_argument("--batch_size", type=int, default=2)
     args = parser.parse_args()
     suites = {"memory": memory, "speed": speed, "parallel": parallel, "blend": blend, "enhance": enhance,
-              "landmarks": landmarks, "serve": serve}
-    children = {"_speed": _speed_one, "_one": _measure_one}  # fresh-process measurements, JSON on stdout
+              "landmarks": landmarks, "serve": serve, "gpu": gpu}
+    children = {"_speed": _speed_one, "_one": _measure_one, "_gpu_compile": _gpu_compile_one}  # fresh-process measurements, JSON on stdout
     if args.suite in suites:
         suites[args.suite](args)
     else:

@@ -146,6 +146,11 @@ class TalkingHead:
         self.renderer = Renderer.from_checkpoints(paths.packed, paths.mapping, paths.coeff_nc, precision=setting.precision)
         if setting.device != "cpu":
             self._to(torch.device(setting.device))
+            if setting.precision == "fp32":
+                # fp32 means float32 on a GPU too (torch lets cuDNN convolutions use TF32 by default, ~1e-3
+                # relative error): fp16 and bf16 are the fast settings there.
+                torch.backends.cudnn.allow_tf32 = False
+                torch.backends.cuda.matmul.allow_tf32 = False
         if setting.backend == "ipex":
             self._use_ipex()
         self.int8: ArtifactInfo | None = None

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -150,7 +151,7 @@ def build(xt, output_dir: Path, max_queue: int = 8):
     import gradio as gr
 
     from xtalker.api import USER_ERRORS
-    from xtalker.config import NUM_POSE_STYLES, SIZES
+    from xtalker.config import NUM_POSE_STYLES, SIZES, ConfigError
     from xtalker.finish import BLENDS
     from xtalker.finish.enhance import ENHANCERS
     from xtalker.preprocess import PREPROCESS_MODES
@@ -186,6 +187,9 @@ def build(xt, output_dir: Path, max_queue: int = 8):
                enhancer, blend, seed, batch_size, request: gr.Request, progress=gr.Progress()):
         session = getattr(request, "session_hash", None) or ""
         with shown_as_messages():
+            if missing := [tool for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]:
+                raise ConfigError(f"Stream needs {' and '.join(missing)} on the server's PATH (Gradio's streaming video "
+                                  "runs them): install FFmpeg (apt-get install ffmpeg), or use Generate")
             yield from page.stream(source_image, driven_audio, preset, size, preprocess, still, pose_style,
                                    expression_scale, enhancer, blend, seed, batch_size, session, progress)
 
