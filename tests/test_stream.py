@@ -208,6 +208,8 @@ def test_cli_stream_reads_pcm_from_stdin_and_refuses_workers(synthetic_checkpoin
     assert probe(out).frame_count == 30
     assert main([*common, "--output", str(tmp_path / "w.mp4"), "--workers", "2"]) == 1
     assert "--stream renders in this process" in capsys.readouterr().err
+    assert main([a for a in common if a != "--stream"]) == 2
+    assert "--driven_audio - (PCM from stdin) needs --stream" in capsys.readouterr().err
     assert not (tmp_path / "w.mp4").exists()
 
 

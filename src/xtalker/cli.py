@@ -28,7 +28,6 @@ IGNORED_UPSTREAM = {
 NOT_AVAILABLE = {
     "background_enhancer": "--background_enhancer is not available in this build; run without it",
     "face3dvis": "--face3dvis (3-D face visualisation) is not available in XTalker; run without it",
-    "old_version": "--old_version (legacy per-network .pth checkpoints) is not supported; use the SadTalker_V0.0.2 safetensors files",
 }
 
 
@@ -73,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--still", action="store_true", help="keep the source head pose (recommended with --preprocess full)")
     up.add_argument("--preprocess", default="crop", choices=PREPROCESS_MODES, help="how the source picture is cropped")
     up.add_argument("--verbose", action="store_true", help="log every stage; show tracebacks of internal errors")
-    up.add_argument("--old_version", action="store_true", help="not supported")
+    up.add_argument("--old_version", action="store_true",
+                    help="load the legacy per-network checkpoints (auido2exp_00300-model.pth, auido2pose_00140-model.pth, "
+                         "facevid2vid_00189-model.pth.tar, epoch_20.pth) instead of SadTalker_V0.0.2_*.safetensors; a "
+                         "folder without *.safetensors uses them anyway. --size 512 renders with the 256 renderer's weights"),
     for flag, kind in IGNORED_UPSTREAM.items():
         up.add_argument(flag, type=kind, default=None, help=argparse.SUPPRESS)
     ours = p.add_argument_group("XTalker flags")
@@ -148,6 +150,7 @@ def config_from_args(args: argparse.Namespace) -> InferenceConfig:
         result_dir=args.result_dir,
         output=args.output,
         checkpoint_dir=args.checkpoint_dir,
+        old_version=args.old_version,
         size=args.size,
         preprocess=args.preprocess,
         still=args.still,
@@ -281,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.driven_audio is None or args.source_image is None:
         return _fail("--driven_audio and --source_image are required", 2)
+    if str(args.driven_audio) == "-" and not args.stream:
+        return _fail("--driven_audio - (PCM from stdin) needs --stream; or give an audio file", 2)
     for name, message in NOT_AVAILABLE.items():
         if getattr(args, name):
             return _fail(message, 2)
