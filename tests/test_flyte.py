@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 PORTRAIT = REPO / "examples" / "source_image" / "astronaut.png"
 SPEECH = REPO / "examples" / "driven_audio" / "hello.wav"
 FRAMES = 4
-OPTIONS = {"seed": 5, "batch_size": 1, "threads": 1, "shards": 2}
+OPTIONS = {"seed": 5, "batch_size": 1, "threads": 1, "shards": 2, "precision": "bf16"}  # bf16: 3x faster here
 
 
 def frames(path: Path) -> np.ndarray:
@@ -38,7 +38,7 @@ def frames(path: Path) -> np.ndarray:
 def cli_video(ckpt: Path, image: Path, audio: Path, out: Path, threads: int = 1) -> np.ndarray:
     subprocess.run([sys.executable, str(REPO / "inference.py"), "--source_image", str(image),
                     "--driven_audio", str(audio), "--checkpoint_dir", str(ckpt), "--seed", "5", "--batch_size", "1",
-                    "--threads", str(threads), "--output", str(out)], check=True, capture_output=True)
+                    "--precision", "bf16", "--threads", str(threads), "--output", str(out)], check=True, capture_output=True)
     return frames(out)
 
 
@@ -62,7 +62,8 @@ def test_pyflyte_run_matches_the_cli_then_reuses_prepare(synthetic_checkpoints, 
     (tmp_path / "tmp").mkdir()
     command = [str(Path(sys.executable).parent / "pyflyte"), "run", str(REPO / "src/xtalker/parallel/flyte.py"),
                "talking_head", "--source_image", str(PORTRAIT), "--driven_audio", str(clips[0]),
-               "--checkpoint_dir", str(synthetic_checkpoints), "--seed", "5", "--batch_size", "1", "--threads", "1"]
+               "--checkpoint_dir", str(synthetic_checkpoints), "--seed", "5", "--batch_size", "1", "--threads", "1",
+               "--precision", "bf16"]
 
     def run(shards: int) -> Path:
         result = subprocess.run([*command, "--shards", str(shards)], env=env, capture_output=True, text=True,
