@@ -1,19 +1,34 @@
 #!/usr/bin/env bash
 # Fetch the official SadTalker checkpoints (and the face-detector / enhancer weights) into a folder.
 #
-#   bash scripts/download_models.sh [DIR]        # default: checkpoints/ next to this script's repo
+#   bash scripts/download_models.sh [--legacy] [DIR]   # default DIR: checkpoints/ next to this script's repo
+#
+# --legacy also fetches the legacy per-network files that `--old_version` reads (auido2exp_00300-model.pth,
+# auido2pose_00140-model.pth, facevid2vid_00189-model.pth.tar, epoch_20.pth; 0.85 GB), from the v0.0.2 release
+# where upstream's download script listed them (upstream made SadTalker_V0.0.2_256.safetensors from them).
 #
 # Needs internet access. Files already present are kept; each download goes to DIR/NAME.part and is
 # renamed only when complete, so an interrupted run never leaves a truncated checkpoint behind.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-dest="${1:-$repo/checkpoints}"
+legacy=0
+dest=""
+for arg in "$@"; do
+  case "$arg" in
+    --legacy) legacy=1 ;;
+    -h|--help) sed -n '2,10p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -*) echo "error: unknown option $arg (known: --legacy)" >&2; exit 2 ;;
+    *) dest="$arg" ;;
+  esac
+done
+dest="${dest:-$repo/checkpoints}"
 mkdir -p "$dest"
 
 sadtalker="https://github.com/OpenTalker/SadTalker/releases/download/v0.0.2-rc"
 facexlib="https://github.com/xinntao/facexlib/releases/download"
 gfpgan="https://github.com/TencentARC/GFPGAN/releases/download"
+legacy_release="https://github.com/Winfredy/SadTalker/releases/download/v0.0.2"  # upstream's legacy links
 
 files=(
   "$sadtalker/SadTalker_V0.0.2_256.safetensors"
@@ -25,6 +40,14 @@ files=(
   "$facexlib/v0.2.2/parsing_parsenet.pth"
   "$gfpgan/v1.3.0/GFPGANv1.4.pth"
 )
+if [ "$legacy" = 1 ]; then
+  files+=(
+    "$legacy_release/auido2exp_00300-model.pth"
+    "$legacy_release/auido2pose_00140-model.pth"
+    "$legacy_release/facevid2vid_00189-model.pth.tar"
+    "$legacy_release/epoch_20.pth"
+  )
+fi
 
 fetch() {
   if command -v curl >/dev/null 2>&1; then

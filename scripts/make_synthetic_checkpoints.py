@@ -9,6 +9,12 @@ With --aux it also writes the face enhancer's and upstream landmark backend's fi
 detection_Resnet50_Final.pth, alignment_WFLW_4HG.pth, parsing_parsenet.pth; rule sadtalker-synth-v1-aux, 640 MB,
 digests always checked). A folder holding the detector and FAN files makes `--landmarks auto` pick the upstream
 backend, whose synthetic weights put random boxes and points on a picture: keep them apart unless that is wanted.
+With --pirender it also writes epoch_00190_iteration_000400000_checkpoint.pt, the weights of the PIRender renderer
+(rule sadtalker-synth-v1-pirender, 90 MB, 3 s).
+With --legacy it also writes the legacy per-network files of --old_version (auido2exp_00300-model.pth,
+auido2pose_00140-model.pth, facevid2vid_00189-model.pth.tar, epoch_20.pth; rule sadtalker-synth-v1-legacy: the
+packed 256 file's tensors re-keyed, plus the unused head-pose estimator; 0.85 GB, about 20 s, digests always
+checked). Beside the safetensors files they are used with --old_version only.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import logging
 import sys
 
 from xtalker.synthetic.auxiliary import write_all_aux
+from xtalker.synthetic.legacy import write_legacy
+from xtalker.synthetic.pirender import write_all_pirender
 from xtalker.synthetic.sadtalker import write_all
 
 
@@ -26,12 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="folder to write the four files into (created if missing)")
     parser.add_argument("--verify", action="store_true", help="re-read every file and check its content digest")
     parser.add_argument("--aux", action="store_true", help="also write the four aux files (enhancer, upstream landmarks)")
+    parser.add_argument("--pirender", action="store_true", help="also write the PIRender renderer's file")
+    parser.add_argument("--legacy", action="store_true", help="also write the legacy per-network files (--old_version)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         results = write_all(args.out_dir, verify=args.verify)
         if args.aux:
             results.update(write_all_aux(args.out_dir))
+        if args.pirender:
+            results.update(write_all_pirender(args.out_dir, verify=args.verify))
+        if args.legacy:
+            results.update(write_legacy(args.out_dir, verify=True))
     except OSError as e:
         sys.stderr.write(f"error: cannot write to {args.out_dir}: {e.strerror or e}\n")
         return 1

@@ -38,6 +38,15 @@ def synthetic_checkpoints() -> Path:
 
 
 @pytest.fixture(scope="session")
+def pirender_checkpoint() -> Path:
+    """The synthetic PIRender file (epoch_00190_iteration_000400000_checkpoint.pt), verified by digest, beside the
+    synthetic SadTalker files (written on first use, ~3 s)."""
+    from xtalker.synthetic import default_cache_dir, ensure_pirender
+
+    return ensure_pirender(default_cache_dir())
+
+
+@pytest.fixture(scope="session")
 def aux_checkpoints() -> Path:
     """A folder with the four synthetic aux files (GFPGAN, RetinaFace, AWing FAN, ParseNet), verified by digest."""
     from xtalker.synthetic import default_aux_dir

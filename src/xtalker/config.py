@@ -29,6 +29,9 @@ class InferenceConfig:
     result_dir: Path = Path("results")
     output: Path | None = None  # default: <result_dir>/<timestamp>.mp4
     checkpoint_dir: Path = Path("checkpoints")
+    # Legacy per-network checkpoint files (auido2exp_00300-model.pth, ...; xtalker.checkpoints.find_checkpoints)
+    # instead of the packed safetensors file; a folder without *.safetensors falls back to them anyway.
+    old_version: bool = False
     size: int = 256
     preprocess: str = "crop"
     still: bool = False

@@ -93,7 +93,7 @@ class Setting:
 
     @classmethod
     def of(cls, config: InferenceConfig) -> "Setting":
-        paths = find_checkpoints(config.checkpoint_dir, config.size, config.preprocess)
+        paths = find_checkpoints(config.checkpoint_dir, config.size, config.preprocess, config.old_version)
         return cls(paths, config.precision, config.backend, config.cache_dir, resolve_device(config.device))
 
 
@@ -141,9 +141,12 @@ class TalkingHead:
         self.setting = setting
         self.landmarks = landmarks
         paths = setting.paths
-        self.recon = load_network("face_3drecon", paths.packed)
-        self.audio2coeff = Audio2Coeff(load_network("audio2exp", paths.packed), load_network("audio2pose", paths.packed))
-        self.renderer = Renderer.from_checkpoints(paths.packed, paths.mapping, paths.coeff_nc, precision=setting.precision)
+        # Packed: one file; legacy (--old_version): each network from its own file, the renderer's two from one.
+        self.recon = load_network("face_3drecon", paths.file("face_3drecon"))
+        self.audio2coeff = Audio2Coeff(load_network("audio2exp", paths.file("audio2exp")),
+                                       load_network("audio2pose", paths.file("audio2pose")))
+        self.renderer = Renderer.from_checkpoints(paths.file("generator"), paths.mapping, paths.coeff_nc,
+                                                  precision=setting.precision)
         if setting.device != "cpu":
             self._to(torch.device(setting.device))
             if setting.precision == "fp32":
@@ -302,7 +305,7 @@ def load_speech(config: InferenceConfig, prof: Profiler) -> np.ndarray:
 
 def prepare_face(config: InferenceConfig, head: TalkingHead, prof: Profiler) -> tuple[PreparedFace, dict[Path, np.ndarray]]:
     """The source face (crop, landmarks, coefficients) and the reference videos' coefficients."""
-    log.info("landmarks: %s backend; checkpoints %s + %s", head.landmarks.name, head.paths.packed.name, head.paths.mapping.name)
+    log.info("landmarks: %s backend; checkpoints %s", head.landmarks.name, head.paths.label)
     with prof.stage("preprocess"):
         face = prepare_source(config.source_image, head.landmarks, head.recon, config.preprocess, config.size)
         ref_coeffs = {

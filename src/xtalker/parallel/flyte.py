@@ -114,17 +114,18 @@ def settings(
     landmarks: str,
     seed: Optional[int],
     threads: int,
+    old_version: bool,
 ) -> str:
     """The run's settings as JSON, checked as the CLI checks them; a missing seed becomes a fresh one (reported)."""
     config = InferenceConfig(
         driven_audio=Path("-"), source_image=Path("-"), checkpoint_dir=Path(checkpoint_dir), size=size,
         preprocess=preprocess, still=still, pose_style=pose_style, expression_scale=expression_scale,
         precision=precision, batch_size=batch_size, enhancer=enhancer, enhance_align=enhance_align, blend=blend,
-        landmarks=landmarks, threads=threads,
+        landmarks=landmarks, threads=threads, old_version=old_version,
         seed=seed if seed is not None else random.SystemRandom().randrange(2**31),
     )
     config.validate()
-    find_checkpoints(config.checkpoint_dir, config.size, config.preprocess)
+    find_checkpoints(config.checkpoint_dir, config.size, config.preprocess, config.old_version)
     check_weights(config.enhancer, config.enhance_align, config.checkpoint_dir)
     values = {**settings_of(config), "seed": config.seed, "threads": threads}
     log.info("settings: %s", values)
@@ -243,11 +244,13 @@ def talking_head(
     seed: Optional[int] = None,
     shards: int = 2,
     threads: int = THREADS,
+    old_version: bool = False,
 ) -> FlyteFile:
     """One portrait + one speech clip -> one talking-head mp4, rendered in `shards` parallel tasks."""
     s = settings(checkpoint_dir=checkpoint_dir, size=size, preprocess=preprocess, still=still, pose_style=pose_style,
                  expression_scale=expression_scale, precision=precision, batch_size=batch_size, enhancer=enhancer,
-                 enhance_align=enhance_align, blend=blend, landmarks=landmarks, seed=seed, threads=threads)
+                 enhance_align=enhance_align, blend=blend, landmarks=landmarks, seed=seed, threads=threads,
+                 old_version=old_version)
     key = fingerprint(source_image=source_image, driven_audio=driven_audio, settings=s)
     job = prepare(key=key, settings=s, source_image=source_image, driven_audio=driven_audio)
     p = plan(jobs=[job], shards=shards, settings=s)
@@ -274,11 +277,13 @@ def talking_heads(
     seed: Optional[int] = None,
     shards: int = 2,
     threads: int = THREADS,
+    old_version: bool = False,
 ) -> list[FlyteFile]:
     """Pairs (source_images[i], driven_audios[i]) -> one mp4 each; all shards of all videos in one map."""
     s = settings(checkpoint_dir=checkpoint_dir, size=size, preprocess=preprocess, still=still, pose_style=pose_style,
                  expression_scale=expression_scale, precision=precision, batch_size=batch_size, enhancer=enhancer,
-                 enhance_align=enhance_align, blend=blend, landmarks=landmarks, seed=seed, threads=threads)
+                 enhance_align=enhance_align, blend=blend, landmarks=landmarks, seed=seed, threads=threads,
+                 old_version=old_version)
     pairs = pair(source_images=source_images, driven_audios=driven_audios, settings=s)
     keys = map_task(fingerprint)(source_image=pairs.source_image, driven_audio=pairs.driven_audio,
                                  settings=pairs.settings)

@@ -33,6 +33,7 @@ RUNNER_MODULES = (
     "xtalker.parity.cases_retinaface",
     "xtalker.parity.cases_parsenet",
     "xtalker.parity.cases_awing",
+    "xtalker.parity.cases_pirender",
 )
 
 

@@ -7,6 +7,8 @@ float predictions batch by batch, then uint8 frames at the crop's aspect ratio.
 in batches or shards); `renderer` runs the mapping net, the keypoint detector (`keypoints`: pose -> 3-D
 keypoints) and the generator, with the source work done once per video; `precision` (fp32 / bf16) and
 `quantize` (int8, compiled and cached) decide how the generator runs; `frames` turns predictions into uint8.
+`pirender` is the other renderer (`--facerender pirender`): 73-channel windows, PIRender's FaceGenerator, tanh
+frames written with their negative half clipped and the padded frames kept.
 """
 
 from xtalker.render.frames import resize_to_original, restored_size, to_uint8

@@ -131,14 +131,16 @@ def _checkpoint_checks(folder: Path, report: Report) -> None:
     from xtalker.synthetic import is_synthetic_folder
 
     kind = "synthetic (meaningless pictures)" if is_synthetic_folder(folder) else "official"
-    found = {}
+    found, legacy = {}, False
     for size in (256, 512):
         for preprocess in ("crop", "full"):
             try:
-                find_checkpoints(folder, size, preprocess)
+                legacy |= find_checkpoints(folder, size, preprocess).legacy
                 found[f"{size} {preprocess}"] = True
             except CheckpointError:
                 found[f"{size} {preprocess}"] = False
+    if legacy:  # no *.safetensors here: the legacy per-network files, as upstream falls back to them
+        kind += ", legacy per-network files"
     report.facts["checkpoints"] = {"folder": str(folder.resolve()), "kind": kind if any(found.values()) else None,
                                    "settings": found}
     fix = f"run scripts/download_models.sh {folder} (or pass --checkpoint_dir with the SadTalker files)"

@@ -203,11 +203,14 @@ def _marker(folder: Path, name: str) -> Path:
 
 
 def is_synthetic_folder(folder: str | Path) -> bool:
-    """Whether the packed checkpoints in `folder` are verified synthetic ones (meaningless pictures)."""
+    """Whether the packed (or legacy per-network) checkpoints in `folder` are verified synthetic ones (meaningless
+    pictures)."""
+    from xtalker.checkpoints import legacy_file_names
+
     folder = Path(folder)
     return any(
         _marker(folder, name).is_file() and (folder / name).is_file()
-        for name in layout()["packed"]["files"].values()
+        for name in [*layout()["packed"]["files"].values(), *legacy_file_names()]
     )
 
 
