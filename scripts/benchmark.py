@@ -1135,7 +1135,7 @@ def _gpu_markdown(data: dict) -> str:
     where = m.get("gpu") or m["cpu"]
     peaks = m.get("peak_tflops")
     lines = [
-        f"# GPU benchmark (issue 15)", "",
+        "# GPU benchmark (issue 15)", "",
         f"{where} ({m['device']}), torch {m['torch']}, CUDA {m.get('cuda')}, cuDNN {m.get('cudnn')}; "
         f"{s['frames']} timed frames per configuration after {s['warmup']} warm-up batch(es), batch {s['batch']}; "
         f"inputs: {data['inputs']}; checkpoints: {data['checkpoints']}.",

@@ -14,8 +14,6 @@ from conftest import golden_dir
 
 from xtalker.checkpoints import CheckpointError
 from xtalker.models import pirender as model
-from xtalker.parity.checker import run_case, runners
-from xtalker.parity.core import Context
 from xtalker.render import pirender
 from xtalker.synthetic import pirender as synthetic
 
@@ -169,23 +167,7 @@ def test_frames_clip_the_negative_half():
     assert frames[0, 0, :, 0].tolist() == [0, 0, 0, 0, 2, 64, 255]
 
 
-# ---- golden parity -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ctx(pirender_checkpoint) -> Context:
-    return Context(pirender_checkpoint.parent)
-
-
-@pytest.mark.parametrize("name", ["pirender_net_a", "pirender_render_a"])
-def test_golden(name, ctx, golden):
-    path = golden / f"{name}.safetensors"
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
-    result = run_case(path, ctx, runners())
-    failing = [f"{c.name}: {c.error:.3g} > {c.tolerance:.3g} {c.detail}" for c in result.checks if not c.passed]
-    assert result.status == "PASS", result.message or "; ".join(failing)
-    assert result.kind == name.rsplit("_", 1)[0]
+# Golden parity of both PIRender kinds runs in test_parity.py (every golden case, dispatched on its metadata).
 
 
 def test_write_all_reports_the_digest(tmp_path):
