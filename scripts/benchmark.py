@@ -167,55 +167,65 @@ def memory(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- speed
 
 SPEED_CONFIGS = {
-    # name: (precision, batch size, upstream's work: official-layout generator, source work redone every batch)
-    "baseline": ("fp32", 2, True),
-    "fp32": ("fp32", 2, False),
-    "bf16-b1": ("bf16", 1, False),
-    "bf16": ("bf16", 2, False),
-    "int8-cold": ("int8", 2, False),  # with an empty cache: calibrates, quantizes and compiles first
-    "int8": ("int8", 2, False),  # a later run: the compiled graph comes from the cache
-    "int8-b1": ("int8", 1, False),
+    # name: (precision, batch size, upstream's work (facevid2vid: official-layout generator, source work redone every
+    # batch; PIRender: the source work redone every batch), renderer)
+    "baseline": ("fp32", 2, True, "facevid2vid"),
+    "fp32": ("fp32", 2, False, "facevid2vid"),
+    "bf16-b1": ("bf16", 1, False, "facevid2vid"),
+    "bf16": ("bf16", 2, False, "facevid2vid"),
+    "int8-cold": ("int8", 2, False, "facevid2vid"),  # with an empty cache: calibrates, quantizes and compiles first
+    "int8": ("int8", 2, False, "facevid2vid"),  # a later run: the compiled graph comes from the cache
+    "int8-b1": ("int8", 1, False, "facevid2vid"),
+    "pirender-upstream": ("fp32", 2, True, "pirender"),
+    "pirender-fp32": ("fp32", 2, False, "pirender"),
+    "pirender-bf16-b1": ("bf16", 1, False, "pirender"),
+    "pirender-bf16": ("bf16", 2, False, "pirender"),
 }
-TARGETS = {"bf16": (4.0, 40.0), "int8": (6.0, 33.0)}  # precision: (speedup, PSNR dB)
+TARGETS = {"bf16": (4.0, 40.0), "int8": (6.0, 33.0)}  # facevid2vid precision: (speedup, PSNR dB)
+PIRENDER_TARGET = (5.0, 40.0)  # fastest PIRender setting: (x faster than the fastest facevid2vid bf16 row, PSNR dB)
+REFERENCE = {"facevid2vid": "fp32", "pirender": "pirender-fp32"}  # each renderer's fidelity is against its own fp32
 
 
-def _head(checkpoint_dir: Path, precision: str = "fp32", cache_dir: Path | None = None):
+def _head(checkpoint_dir: Path, precision: str = "fp32", cache_dir: Path | None = None, facerender: str = "facevid2vid"):
     """The networks as the CLI builds them for a crop-mode 256 run."""
     from xtalker.checkpoints import find_checkpoints
     from xtalker.pipeline import Setting, TalkingHead
     from xtalker.preprocess import get_backend
 
-    return TalkingHead(Setting(find_checkpoints(checkpoint_dir), precision, cache_dir=cache_dir),
-                       get_backend("auto", checkpoint_dir))
+    paths = find_checkpoints(checkpoint_dir, facerender=facerender)
+    return TalkingHead(Setting(paths, precision, cache_dir=cache_dir), get_backend("auto", checkpoint_dir))
 
 
-def _speed_inputs(checkpoint_dir: Path, frames: int, folder: Path) -> Path:
-    """Source crop, source semantics and `frames` driving windows from the bundled example, saved once."""
+def _speed_inputs(checkpoint_dir: Path, frames: int, folder: Path, pirender: bool = False) -> Path:
+    """Source crop, source semantics and `frames` driving windows from the bundled example (and PIRender's 73-channel
+    windows of the same clip), saved once."""
     from xtalker.media import load_audio
     from xtalker.pipeline import example_inputs
 
-    inputs = example_inputs(_head(checkpoint_dir), PORTRAIT, load_audio(_speech_of_length(frames / 25 + 0.1, folder)))
+    wav = load_audio(_speech_of_length(frames / 25 + 0.1, folder))
+    inputs = example_inputs(_head(checkpoint_dir), PORTRAIT, wav)
+    arrays = {"image": inputs.image, "semantics": inputs.semantics, "windows": inputs.sequence.windows(0, frames)}
+    if pirender:
+        arrays["pirender_windows"] = example_inputs(_head(checkpoint_dir, facerender="pirender"), PORTRAIT,
+                                                    wav).sequence.windows(0, frames)
     path = folder / "inputs.npz"
-    np.savez(path, image=inputs.image, semantics=inputs.semantics, windows=inputs.sequence.windows(0, frames))
+    np.savez(path, **arrays)
     return path
 
 
-def _flops_per_frame(checkpoint_dir: Path, inputs: Path) -> dict[str, float]:
+def _flops_per_frame(checkpoint_dir: Path, inputs: Path, facerender: str = "facevid2vid") -> dict[str, float]:
     """FLOPs (2 x multiply-adds) of one frame's renderer work, and of the per-video source work."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from xtalker.checkpoints import find_checkpoints
-    from xtalker.render import Renderer
-
     data = np.load(inputs)
-    paths = find_checkpoints(checkpoint_dir)
-    renderer = Renderer.from_checkpoints(paths.packed, paths.mapping, paths.coeff_nc)
+    renderer = _head(checkpoint_dir, facerender=facerender).renderer
+    windows = data["pirender_windows" if facerender == "pirender" else "windows"]
     with torch.inference_mode():
         with FlopCounterMode(display=False) as source_count:
             source = renderer.prepare(data["image"], data["semantics"])
         with FlopCounterMode(display=False) as frame_count:
-            renderer.render(source, data["windows"][:1])
+            renderer.render(source, windows[:1])
     return {"frame": float(frame_count.get_total_flops()), "source": float(source_count.get_total_flops())}
 
 
@@ -262,14 +272,14 @@ def _speed_one(args: argparse.Namespace) -> dict:
 
     from xtalker.render import to_uint8
 
-    precision, batch, per_batch_source = SPEED_CONFIGS[args.config]
+    precision, batch, per_batch_source, facerender = SPEED_CONFIGS[args.config]
     data = np.load(args.inputs)
-    windows = data["windows"][: args.frames]
+    windows = data["pirender_windows" if facerender == "pirender" else "windows"][: args.frames]
     start = time.perf_counter()
-    head = _head(args.checkpoint_dir, precision, args.cache_dir)
+    head = _head(args.checkpoint_dir, precision, args.cache_dir, facerender)
     load_s = time.perf_counter() - start
     renderer = head.renderer
-    if per_batch_source:
+    if per_batch_source and facerender == "facevid2vid":
         renderer.generator = _official_layout_generator(head.paths.packed)
     start = time.perf_counter()
     int8 = head.quantize()
@@ -301,7 +311,7 @@ def _speed_one(args: argparse.Namespace) -> dict:
     frames = torch.cat(outputs).numpy()
     np.save(Path(args.out) / f"{args.config}.npy", frames)
     return {
-        "config": args.config, "precision": precision, "batch_size": batch, "frames": len(frames),
+        "config": args.config, "renderer": facerender, "precision": precision, "batch_size": batch, "frames": len(frames),
         "s_per_frame": seconds / len(frames), "first_batch_s": first_s, "load_s": load_s, "setup_s": setup_s,
         "compiled_from_cache": None if int8 is None else int8.from_cache,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -332,6 +342,9 @@ def _speed_markdown(result: dict) -> str:
             f"{r['peak_rss_mb']:.0f} | {r['rtf']:.1f} | {r['setup_s']:.1f} | {r['first_extra_s']:.1f} | {target} |"
         )
     lines += ["", "speedup: against `baseline` (upstream's computation: fp32 eager, batch 2, official-layout generator with BatchNorms and full-size SPADE convs, source work redone on batch copies every batch); "
+              "pirender-*: `--facerender pirender` (PIRender's FaceGenerator), PSNR against pirender-fp32 on the [0, 1]-clipped "
+              "pictures written, pirender-upstream = its source work redone every batch (upstream also computes a discarded "
+              "branch, not counted here); bf16 for PIRender = its editing net only; "
               "RTF: seconds of compute per second of video (25 fps); setup: int8 calibration, quantization and "
               "compilation (int8-cold, empty cache) or loading the compiled graph from the cache; first batch extra: time of the "
               "first batch beyond a steady one (compilation, quantization, caches)."]
@@ -358,17 +371,33 @@ def _speed_chart(result: dict, path: Path) -> None:
     cv2.imwrite(str(path), img)
 
 
+def _pirender_target(rows: list[dict]) -> None:
+    """Marks the fastest PIRender row that keeps PIRENDER_TARGET's PSNR against the fastest facevid2vid bf16 row."""
+    need_x, need_db = PIRENDER_TARGET
+    fast = [r for r in rows if r["renderer"] == "pirender" and r["psnr_db"] >= need_db]
+    bf16 = [r for r in rows if r["renderer"] == "facevid2vid" and r["precision"] == "bf16"]
+    if not fast or not bf16:
+        return
+    best, other = min(fast, key=lambda r: r["s_per_frame"]), min(bf16, key=lambda r: r["s_per_frame"])
+    ratio = other["s_per_frame"] / best["s_per_frame"]
+    best["target"] = (f"{'met' if ratio >= need_x else 'MISSED'}: {ratio:.1f}x faster than {other['config']} "
+                      f"(>= {need_x:g}x, >= {need_db:g} dB)")
+
+
 def speed(args: argparse.Namespace) -> None:
     import torch
 
-    from xtalker.synthetic import default_cache_dir, ensure_cached
+    from xtalker.synthetic import default_cache_dir, ensure_cached, ensure_pirender
 
     if args.checkpoint_dir is None:
         args.checkpoint_dir = ensure_cached(default_cache_dir())
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        inputs = _speed_inputs(args.checkpoint_dir, args.frames, folder)
-        flops = _flops_per_frame(args.checkpoint_dir, inputs)
+        pirender = any(SPEED_CONFIGS[name][3] == "pirender" for name in args.configs)
+        if pirender:
+            ensure_pirender(args.checkpoint_dir)
+        inputs = _speed_inputs(args.checkpoint_dir, args.frames, folder, pirender)
+        flops = {r: _flops_per_frame(args.checkpoint_dir, inputs, r) for r in ("facevid2vid", "pirender")[: 1 + pirender]}
         peaks = {name: _matmul_peak(name) for name in ("fp32", "bf16", "int8")}
         rows = []
         for name in args.configs:
@@ -382,14 +411,17 @@ def speed(args: argparse.Namespace) -> None:
                 sys.stderr.write(f"{name}: failed, left out: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else proc.returncode}\n")
                 continue
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        reference = np.load(folder / "fp32.npy") if (folder / "fp32.npy").is_file() else None
         base = next((r for r in rows if r["config"] == "baseline"), None)
         for r in rows:
-            frames = np.load(folder / f"{r['config']}.npy")
+            # Fidelity on the pictures written: PIRender's tanh output has its negative half clipped to 0.
+            frames = np.clip(np.load(folder / f"{r['config']}.npy"), 0, 1)
+            ref_path = folder / f"{REFERENCE[r['renderer']]}.npy"
+            reference = np.clip(np.load(ref_path), 0, 1) if ref_path.is_file() else None
             r["psnr_db"] = _psnr(frames, reference) if reference is not None else float("nan")
             r["max_abs"] = float(np.abs(frames - reference).max()) if reference is not None else float("nan")
             r["speedup"] = base["s_per_frame"] / r["s_per_frame"] if base else float("nan")
-            work = flops["frame"] + (flops["source"] if r["config"] == "baseline" else 0.0)
+            per_batch_source = SPEED_CONFIGS[r["config"]][2]
+            work = flops[r["renderer"]]["frame"] + (flops[r["renderer"]]["source"] if per_batch_source else 0.0)
             r["gflops"] = work / r["s_per_frame"] / 1e9
             r["peak_fraction"] = r["gflops"] / peaks[r["precision"]]
             r["rtf"] = r["s_per_frame"] * 25
@@ -398,6 +430,7 @@ def speed(args: argparse.Namespace) -> None:
                 need_x, need_db = TARGETS[r["precision"]]
                 met = r["speedup"] >= need_x and r["psnr_db"] >= need_db
                 r["target"] = f"{'met' if met else 'MISSED'} (>= {need_x:g}x, >= {need_db:g} dB)"
+        _pirender_target(rows)
     result = {
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "peak_gflops": peaks},

@@ -120,6 +120,9 @@ def test_bad_settings_fail_before_any_work(synthetic_checkpoints, clips, local_f
     with pytest.raises(Exception, match="SadTalker_V0.0.2_512.safetensors"):
         flyte.talking_head(source_image=str(PORTRAIT), driven_audio=str(clips[0]), checkpoint_dir=str(local_flyte),
                            size=512, **OPTIONS)
+    with pytest.raises(Exception, match="epoch_00190_iteration_000400000_checkpoint.pt"):
+        flyte.talking_head(source_image=str(PORTRAIT), driven_audio=str(clips[0]), checkpoint_dir=str(local_flyte),
+                           facerender="pirender", **OPTIONS)
     assert made(local_flyte, "prepare") == 0
 
 

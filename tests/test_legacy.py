@@ -317,7 +317,7 @@ def test_flyte_passes_the_flag(synthetic_checkpoints, legacy_checkpoints, tmp_pa
     settings = flyte.settings(checkpoint_dir=str(legacy_checkpoints), size=256, preprocess="crop", still=False,
                               pose_style=0, expression_scale=1.0, precision="bf16", batch_size=1, enhancer=None,
                               enhance_align="source", blend="seamless", landmarks="auto", seed=5, threads=1,
-                              old_version=True)
+                              old_version=True, facerender="facevid2vid")
     assert json.loads(settings)["old_version"] is True
     assert flyte._config(settings).old_version is True  # what prepare, render and merge run with
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import golden_dir
+from conftest import golden_dir, write_wav
 
 from xtalker.checkpoints import CheckpointError
 from xtalker.models import pirender as model
@@ -190,3 +193,113 @@ def test_bf16_editing_net_stays_close(pirender_checkpoint, golden):
     mse = float(((fake.clamp(0, 1).double() - expected.clamp(0, 1).double()) ** 2).mean())
     assert 10 * math.log10(1 / mse) > 42
     assert 0 < float((fake - expected).abs().max()) < 0.1
+
+
+# ---- end to end: --facerender pirender --------------------------------------------------------------------
+
+PORTRAIT = Path(__file__).resolve().parents[1] / "examples" / "source_image" / "astronaut.png"
+SPEECH = PORTRAIT.parents[1] / "driven_audio" / "hello.wav"
+
+
+@pytest.fixture(scope="module")
+def warm():
+    from xtalker.warm import Networks
+
+    return Networks()
+
+
+@pytest.fixture(scope="module")
+def speech7(tmp_path_factory) -> Path:
+    """7 video frames (an odd count: upstream would pad it to 8 at batch 2) and 300 samples that make no frame."""
+    from xtalker.media import load_audio
+
+    return write_wav(tmp_path_factory.mktemp("audio") / "speech7.wav", load_audio(SPEECH)[4000 : 4000 + 7 * 640 + 300])
+
+
+def _config(ckpt, audio, out, **kw):
+    from xtalker.config import InferenceConfig
+
+    return InferenceConfig(driven_audio=audio, source_image=PORTRAIT, checkpoint_dir=ckpt, output=out, seed=3,
+                           facerender="pirender", **kw)
+
+
+def _frames(path) -> np.ndarray:
+    from xtalker.media import iter_video_frames
+
+    return np.stack(list(iter_video_frames(path)[1]))
+
+
+def test_crop_mode_video_is_the_audio_long_and_the_upstream_loop_frames(tmp_path, pirender_checkpoint, speech7, warm):
+    from xtalker.pipeline import generate, load_head, load_speech, prepare_run, render_frames
+    from xtalker.profiling import Profiler
+    from xtalker.render.inputs import batched_target
+
+    config = _config(pirender_checkpoint.parent, speech7, tmp_path / "crop.mp4")
+    result = generate(config, warm)
+    assert result.frames == 7 and result.size_wh[0] == 256  # cut to the audio: upstream writes 8
+    assert _frames(result.output).shape[0] == 7
+    # The pipeline's batches are the frames of upstream's (batch, N) loop over the same windows.
+    prof = Profiler()
+    with warm.active():
+        head = load_head(config, prof)
+        run = prepare_run(config, head, load_speech(config, prof), 3, prof)
+        ours = np.concatenate(list(render_frames(head, run, 0, run.num_frames, 2, prof)))
+    assert run.sequence.channels == 73 and isinstance(head.renderer, pirender.PIRenderRenderer)
+    target = batched_target(run.sequence, 2)
+    loop = head.renderer.render_clip(run.source.image, target.semantics).flatten(0, 1)
+    assert len(loop) == pirender.rendered_frame_count(7, 2) == 8
+    upstream = pirender.to_frames(loop)
+    assert np.abs(ours.astype(int) - upstream[:7]).max() <= 1
+    assert np.array_equal(upstream[7], upstream[6])  # the padded frame upstream keeps: the last one again
+
+
+def test_full_still_mode_pastes_back_and_workers_match(tmp_path, pirender_checkpoint, speech7, warm):
+    import cv2
+
+    from xtalker.parallel import Job
+    from xtalker.parallel.stages import stage_merge, stage_prepare, stage_render
+    from xtalker.pipeline import generate
+
+    config = _config(pirender_checkpoint.parent, speech7, tmp_path / "full.mp4", preprocess="full", still=True,
+                     blend="feather")
+    result = generate(config, warm)
+    h, w = cv2.imread(str(PORTRAIT)).shape[:2]
+    assert result.frames == 7 and result.size_wh == (w, h)
+    single = _frames(result.output)
+    assert single.shape[0] == 7 and np.abs(single[0].astype(int) - single[-1]).max() > 0
+    job = Job(tmp_path / "job")
+    with warm.active():
+        stage_prepare(config, job)
+        for shard in range(2):
+            stage_render(config, job, shard, 2)
+    merged = stage_merge(config, job, 2, tmp_path / "merged.mp4")
+    assert merged.frames == 7 and np.array_equal(_frames(merged.output), single)
+
+
+def test_what_pirender_cannot_do_is_refused(tmp_path, pirender_checkpoint):
+    from xtalker.config import ConfigError
+
+    ckpt = pirender_checkpoint.parent
+    for kw, words in (({"input_yaw": [10.0]}, "--input_yaw set head-angle keyframes"),
+                      ({"precision": "int8"}, "runs in fp32 or bf16"),
+                      ({"backend": "ipex"}, "use --backend native")):
+        with pytest.raises(ConfigError, match=words):
+            _config(ckpt, SPEECH, tmp_path / "x.mp4", **kw).validate()
+
+
+def test_a_preset_naming_pirender_fails_clearly_without_its_file(tmp_path, synthetic_checkpoints):
+    from xtalker import cli
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for name in ("SadTalker_V0.0.2_256.safetensors", "mapping_00229-model.pth.tar"):
+        (folder / name).symlink_to(synthetic_checkpoints / name)
+    out = tmp_path / "out.mp4"
+    args = ["--driven_audio", str(SPEECH), "--source_image", str(PORTRAIT), "--checkpoint_dir", str(folder),
+            "--output", str(out), "--preset", "pirender"]
+    proc = subprocess.run([sys.executable, "-m", "xtalker.cli", *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    for words in (model.FILE_NAME, "preset pirender", "--facerender facevid2vid", "--checkpoint_dir"):
+        assert words in proc.stderr
+    assert not out.exists()
+    assert cli.main([*args, "--facerender", "facevid2vid", "--list_presets"]) == 0  # the override parses

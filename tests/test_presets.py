@@ -21,7 +21,10 @@ def config_for(*flags: str):
 
 def test_shipped_presets_parse_and_use_known_settings():
     presets = load_presets()
-    assert list(presets) == ["quality", "balanced", "fast", "ultra_fast"]
+    assert list(presets) == ["quality", "balanced", "fast", "ultra_fast", "pirender"]
+    assert presets["pirender"].settings == {"facerender": "pirender", "precision": "bf16", "batch_size": 2}
+    assert config_for("--preset", "pirender", "--facerender", "facevid2vid").facerender == "facevid2vid"
+    assert config_for("--preset", "quality").facerender == "facevid2vid"  # never chosen by which files exist
     assert presets["fast"].settings["precision"] == presets["ultra_fast"].settings["precision"] == "int8"
     assert presets["quality"].settings["precision"] == "fp32"
     assert presets["balanced"].settings["precision"] == "bf16"
@@ -54,7 +57,7 @@ def test_auto_workers_follow_the_machine(monkeypatch):
 
 
 def test_unknown_preset_and_bad_files(tmp_path, monkeypatch):
-    with pytest.raises(PresetError, match="unknown preset 'turbo'; available: quality, balanced, fast, ultra_fast"):
+    with pytest.raises(PresetError, match="unknown preset 'turbo'; available: quality, balanced, fast, ultra_fast, pirender"):
         get_preset("turbo")
     bad = tmp_path / "p.yaml"
     bad.write_text("quick:\n  precision: bf16\n  turbo: 9\n")
@@ -78,7 +81,7 @@ def test_list_presets_and_cli_errors():
     assert proc.stdout.startswith("quality") and "precision=bf16" in proc.stdout
     proc = _cli(*BASE, "--preset", "turbo")
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "error: unknown preset 'turbo'; available: quality, balanced, fast, ultra_fast (see --list_presets)"
+        "error: unknown preset 'turbo'; available: quality, balanced, fast, ultra_fast, pirender (see --list_presets)"
     )
     proc = _cli("--preset", "quality")
     assert proc.returncode == 2 and "--driven_audio and --source_image are required" in proc.stderr

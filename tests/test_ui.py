@@ -132,10 +132,11 @@ def test_cancel_stops_the_render_and_writes_nothing(synthetic_checkpoints, media
 
     with pytest.raises(Cancelled):
         page.generate(str(PORTRAIT), str(media["four"]), "(none)", 256, "crop", False, 0, 1.0, "none", "(preset's)",
-                      3, 1, "session", progress)
+                      3, 1, session="session", progress=progress)
     assert calls == [(1, 4)] and list(tmp_path.iterdir()) == []
     video, seed, _ = page.generate(str(PORTRAIT), str(media["two"]), "(none)", 256, "crop", False, 0, 1.0, "none",
-                                   "(preset's)", 3, 1, "session", lambda value, desc, unit: calls.append(value))
+                                   "(preset's)", 3, 1, session="session",
+                                   progress=lambda value, desc, unit: calls.append(value))
     assert seed == 3 and Path(video).is_file()  # a new request is not cancelled by the last one's button
 
 
@@ -151,7 +152,7 @@ def test_stream_gives_one_second_pieces_as_they_render(synthetic_checkpoints, tm
     audio = write_wav(tmp_path / "speech.wav", np.tile(load_audio(SPEECH), 2)[: 60 * 640])
     page = Page(XTalker(synthetic_checkpoints, device="cpu", warm=False), tmp_path)
     pieces = list(page.stream(str(PORTRAIT), str(audio), "(none)", 256, "crop", False, 0, 1.0, "none", "(preset's)",
-                              8, 0, "s", None))
+                              8, 0, session="s"))
     assert [probe(path).frame_count for path, _, _ in pieces] == [25, 25, 10]
     assert all(seed == 8 for _, seed, _ in pieces) and pieces[-1][2].startswith("60/60 frames; first frame after")
     assert all(abs(probe(path).audio_duration - probe(path).frame_count / 25) <= 1024 / 16000 for path, _, _ in pieces)

@@ -10,7 +10,7 @@
         show(frames)                                                  # (n, H, W, 3) uint8
 
 Options are the CLI's per-video flags by their names (`size`, `preprocess`, `still`, `pose_style`,
-`expression_scale`, `ref_eyeblink`, `ref_pose`, `input_yaw`, `input_pitch`, `input_roll`, `enhancer`,
+`expression_scale`, `facerender`, `ref_eyeblink`, `ref_pose`, `input_yaw`, `input_pitch`, `input_roll`, `enhancer`,
 `enhance_align`, `blend`, `seed`, `batch_size`, `precision`, `landmarks`, `threads`, ...). Given to the
 constructor they are defaults; given to `generate` they apply to that video. A call whose settings need other
 networks (another size, precision, checkpoint folder, enhancer) loads only those; the SadTalker networks of the

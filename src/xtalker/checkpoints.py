@@ -310,7 +310,9 @@ class CheckpointPaths:
     """The official files a run needs, found like upstream: packed file by size, mapping by preprocess mode.
 
     With `legacy` the networks come from the legacy per-network files in the same folder (`file(network)`);
-    `packed` is then the renderer file, `facevid2vid_00189-model.pth.tar`, for every size.
+    `packed` is then the renderer file, `facevid2vid_00189-model.pth.tar`, for every size. With `pirender` (the
+    PIRender checkpoint) that file renders instead of the generator, keypoint detector and mapping net, which are
+    then neither needed nor read; `coeff_nc` is then PIRender's 73 in every preprocess mode.
     """
 
     packed: Path
@@ -318,6 +320,7 @@ class CheckpointPaths:
     size: int
     coeff_nc: int
     legacy: bool = False
+    pirender: Path | None = None
 
     def file(self, network: str) -> Path:
         """The file `network` is loaded from."""
@@ -328,18 +331,24 @@ class CheckpointPaths:
         return self.packed.parent / legacy_source(network)[0]
 
     @property
+    def networks(self) -> list[str]:
+        """The networks a run loads from the SadTalker files."""
+        speech = ["face_3drecon", "audio2exp", "audio2pose"]
+        return speech if self.pirender else speech + ["kp_extractor", "generator", "mapping"]
+
+    @property
     def files(self) -> list[Path]:
-        """Every file the networks come from, mapping file last."""
-        if not self.legacy:
-            return [self.packed, self.mapping]
-        return [self.packed.parent / name for name in legacy_file_names()] + [self.mapping]
+        """Every file the networks come from, in load order (the renderer's last)."""
+        found = list(dict.fromkeys(self.file(n) for n in self.networks))
+        return found + ([self.pirender] if self.pirender else [])
 
     @property
     def label(self) -> str:
         """For log lines: the files, or the legacy set."""
+        renderer = self.pirender.name if self.pirender else self.mapping.name
         if self.legacy:
-            return f"legacy per-network files + {self.mapping.name}"
-        return f"{self.packed.name} + {self.mapping.name}"
+            return f"legacy per-network files + {renderer}"
+        return f"{self.packed.name} + {renderer}"
 
 
 def coeff_channels(preprocess: str) -> int:
@@ -365,18 +374,28 @@ def has_safetensors(folder: Path) -> bool:
 
 def find_checkpoints(
     checkpoint_dir: str | Path, size: int = 256, preprocess: str = "crop", old_version: bool = False,
+    facerender: str = "facevid2vid",
 ) -> CheckpointPaths:
     """Locate the checkpoint files like upstream's init_path; raise one clear error listing what is missing.
 
     The packed `SadTalker_V0.0.2_{size}.safetensors` by default; the legacy per-network set with `old_version`,
     or (with one warning) when the folder holds no `*.safetensors` file but legacy files. The mapping file is
     chosen by preprocess either way. The legacy set has one renderer, so `--size 512` renders at 512 with the
-    256 renderer's weights, as upstream does.
+    256 renderer's weights, as upstream does. `facerender` "pirender" needs the PIRender checkpoint instead of
+    the renderer's files (one network at every size).
     """
     root = Path(checkpoint_dir)
     packed_name = packed_file_name(size)  # also rejects sizes other than 256 / 512
     nc = coeff_channels(preprocess)
     mapping = root / mapping_file_name(nc)
+    pirender = None
+    if facerender == "pirender":
+        from xtalker.models.pirender import COEFF_NC, DOWNLOAD_HINT as PIRENDER_HINT, FILE_NAME
+
+        pirender, nc = root / FILE_NAME, COEFF_NC
+        if not pirender.is_file():
+            raise CheckpointError(f"missing PIRender checkpoint {FILE_NAME} in {root.resolve()} (--facerender pirender "
+                                  f"reads it); {PIRENDER_HINT} (or pass --checkpoint_dir, or use --facerender facevid2vid)")
     legacy = old_version
     if not legacy and not has_safetensors(root) and any((root / n).is_file() for n in legacy_file_names()):
         legacy = True
@@ -384,7 +403,7 @@ def find_checkpoints(
                    "SadTalker does; put %s there to use the packed file", root, ", ".join(legacy_file_names()), packed_name)
     if legacy:
         renderer = root / legacy_source("generator")[0]
-        paths = CheckpointPaths(packed=renderer, mapping=mapping, size=size, coeff_nc=nc, legacy=True)
+        paths = CheckpointPaths(packed=renderer, mapping=mapping, size=size, coeff_nc=nc, legacy=True, pirender=pirender)
         missing = [p.name for p in paths.files if not p.is_file()]
         if missing:
             why = ("--old_version reads the legacy per-network files" if old_version else
@@ -394,16 +413,16 @@ def find_checkpoints(
                 f"missing legacy checkpoint file(s) {', '.join(missing)} in {root.resolve()}: {why}; {LEGACY_HINT} "
                 f"(or pass --checkpoint_dir)"
             )
-        if size != 256:
+        if size != 256 and pirender is None:
             _note_once(f"legacy{size}", root, "legacy checkpoints at --size %d: the legacy set has no %d renderer, so "
                        "%s (the 256 renderer's weights) renders at %d, as SadTalker --old_version does",
                        size, size, renderer.name, size)
         return paths
-    packed = root / packed_name
-    missing = [p.name for p in (packed, mapping) if not p.is_file()]
+    paths = CheckpointPaths(packed=root / packed_name, mapping=mapping, size=size, coeff_nc=nc, pirender=pirender)
+    missing = [p.name for p in paths.files if not p.is_file()]
     if missing:
         raise CheckpointError(
             f"missing checkpoint file(s) {', '.join(missing)} in {root.resolve()}; {DOWNLOAD_HINT} "
             f"(or pass --checkpoint_dir)"
         )
-    return CheckpointPaths(packed=packed, mapping=mapping, size=size, coeff_nc=nc)
+    return paths

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from xtalker import __version__
-from xtalker.config import NUM_POSE_STYLES, PRECISIONS, SIZES, InferenceConfig
+from xtalker.config import FACERENDERS, NUM_POSE_STYLES, PRECISIONS, SIZES, InferenceConfig
 from xtalker.finish import ALIGNS, BLENDS
 from xtalker.preprocess import PREPROCESS_MODES
 
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="frames rendered per network call (default 2), or auto: 2 on a CPU, on CUDA the most that fit "
                          "the free GPU memory (at most 64)")
     up.add_argument("--size", type=int, default=256, choices=SIZES, help="face render size")
+    up.add_argument("--facerender", choices=FACERENDERS, default=None,
+                    help="face renderer (default facevid2vid): pirender is the lightweight one (about 10x fewer operations "
+                         "a frame; needs epoch_00190_iteration_000400000_checkpoint.pt; no head-angle keyframes)")
     up.add_argument("--expression_scale", type=float, default=1.0, help="scale of the speech-driven expression")
     up.add_argument("--input_yaw", nargs="+", type=float, default=None, help="yaw keyframes in degrees (one value: constant)")
     up.add_argument("--input_pitch", nargs="+", type=float, default=None, help="pitch keyframes in degrees")
@@ -124,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Built-in defaults of the settings a preset may set; used when neither a flag nor the preset gives one.
 PRESETTABLE_DEFAULTS = {"precision": "fp32", "batch_size": 2, "threads": None, "workers": 1, "blend": "seamless", "enhancer": None,
-                        "device": "auto"}
+                        "device": "auto", "facerender": "facevid2vid"}
 
 
 def resolve_presettable(args: argparse.Namespace) -> dict[str, object]:
@@ -152,6 +155,7 @@ def config_from_args(args: argparse.Namespace) -> InferenceConfig:
         checkpoint_dir=args.checkpoint_dir,
         old_version=args.old_version,
         size=args.size,
+        facerender=chosen["facerender"],
         preprocess=args.preprocess,
         still=args.still,
         pose_style=args.pose_style,
@@ -188,6 +192,16 @@ def ipex_unavailable() -> str | None:
         return ("--backend ipex: intel_extension_for_pytorch is not installed (no release installs next to torch 2.13); "
                 "the native path already uses oneDNN with bf16 (--precision bf16), which is what IPEX would add on this CPU")
     return None
+
+
+def preset_note(message: str, args: argparse.Namespace, config: InferenceConfig) -> str:
+    """A missing renderer file asked for by a preset: say so, and how to keep the rest of the preset."""
+    from xtalker.models.pirender import FILE_NAME
+
+    if args.preset and args.facerender is None and config.facerender == "pirender" and FILE_NAME in message:
+        return (f"{message}; preset {args.preset} renders with --facerender pirender: add --facerender facevid2vid to "
+                "use its other settings without that file")
+    return message
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -320,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt():
             result = _run(config, args, argv)
     except USER_ERRORS as e:
-        return _fail(str(e))
+        return _fail(preset_note(str(e), args, config))
     except Terminated:
         return _fail("terminated (SIGTERM); no output was written; finished shards of a job are kept", TERMINATED_EXIT)
     except KeyboardInterrupt:

@@ -12,6 +12,9 @@ from xtalker.preprocess import PREPROCESS_MODES
 SIZES = (256, 512)
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # fp16: CUDA only; int8: CPU only (xtalker.device)
 NUM_POSE_STYLES = 46
+# Face renderers: SadTalker's facevid2vid generator, or PIRender (the lightweight one, ~10x fewer FLOPs a frame).
+FACERENDERS = ("facevid2vid", "pirender")
+PIRENDER_PRECISIONS = ("fp32", "bf16")  # bf16: the editing net only (xtalker.render.pirender)
 AUTO_BATCH = "auto"  # --batch_size auto
 FPS = 25
 
@@ -33,6 +36,7 @@ class InferenceConfig:
     # instead of the packed safetensors file; a folder without *.safetensors falls back to them anyway.
     old_version: bool = False
     size: int = 256
+    facerender: str = "facevid2vid"  # FACERENDERS
     preprocess: str = "crop"
     still: bool = False
     pose_style: int = 0
@@ -79,6 +83,10 @@ class InferenceConfig:
             raise ConfigError(f"--pose_style must be in 0..{NUM_POSE_STYLES - 1}, got {self.pose_style}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.facerender not in FACERENDERS:
+            raise ConfigError(f"--facerender must be one of {', '.join(FACERENDERS)}, got {self.facerender!r}")
+        if self.facerender == "pirender":
+            self._check_pirender()
         from xtalker.device import check_precision_on, resolve_device
 
         device = resolve_device(self.device)
@@ -111,3 +119,16 @@ class InferenceConfig:
             values = getattr(self, name)
             if values is not None and not values:
                 raise ConfigError(f"--{name} needs at least one angle in degrees")
+
+    def _check_pirender(self) -> None:
+        """What the PIRender path cannot do is refused, not ignored as upstream ignores it."""
+        if self.precision not in PIRENDER_PRECISIONS:
+            raise ConfigError(f"--facerender pirender runs in {' or '.join(PIRENDER_PRECISIONS)} (bf16: its editing net, "
+                              f"46 dB against fp32), not {self.precision}; use --precision bf16")
+        if self.backend != "native":
+            raise ConfigError("--backend ipex applies to the facevid2vid generator; use --backend native with --facerender pirender")
+        angles = [f"--{n}" for n in ("input_yaw", "input_pitch", "input_roll") if getattr(self, n) is not None]
+        if angles:
+            raise ConfigError(f"{', '.join(angles)} set head-angle keyframes, which PIRender cannot follow (its network reads "
+                              "3DMM coefficients, not keypoint angles; SadTalker silently ignores them there): use "
+                              "--facerender facevid2vid for keyframes, or leave them out")

@@ -44,6 +44,7 @@ from xtalker.render import (
     tensor_digest,
     to_uint8,
 )
+from xtalker.render.pirender import PIRenderRenderer
 from xtalker.speech import (
     Audio2Coeff,
     apply_ref_pose,
@@ -93,7 +94,7 @@ class Setting:
 
     @classmethod
     def of(cls, config: InferenceConfig) -> "Setting":
-        paths = find_checkpoints(config.checkpoint_dir, config.size, config.preprocess, config.old_version)
+        paths = find_checkpoints(config.checkpoint_dir, config.size, config.preprocess, config.old_version, config.facerender)
         return cls(paths, config.precision, config.backend, config.cache_dir, resolve_device(config.device))
 
 
@@ -108,16 +109,17 @@ class ExampleInputs:
 
 def example_inputs(head: "TalkingHead", portrait: Path, wav: np.ndarray, seed: int = 0) -> ExampleInputs:
     """What `generate` feeds the renderer for `portrait` and the 16 kHz `wav` (crop mode, or full mode for a
-    73-channel mapping net), without rendering: for calibration and benchmarks."""
-    preprocess = "full" if head.paths.coeff_nc == 73 else "crop"
-    config = InferenceConfig(driven_audio=portrait, source_image=portrait, size=head.paths.size, preprocess=preprocess)
+    73-channel mapping net; PIRender's rows either way), without rendering: for calibration and benchmarks."""
+    preprocess = "full" if head.paths.coeff_nc == 73 and not head.paths.pirender else "crop"
+    config = InferenceConfig(driven_audio=portrait, source_image=portrait, size=head.paths.size, preprocess=preprocess,
+                             facerender=head.facerender)
     face = prepare_source(portrait, head.landmarks, head.recon, preprocess, head.paths.size)
     wav = crop_to_frames(wav)
     coeffs = speech_coefficients(head, config, face, wav, num_video_frames(len(wav)), {}, seed, Profiler())
     return ExampleInputs(
         image=source_image(face.crop.image),
-        semantics=source_semantics(face.coeff_3dmm, preprocess),
-        sequence=driving_sequence(coeffs, face.coeff_3dmm, preprocess),
+        semantics=source_semantics(face.coeff_3dmm, row_layout(config)),
+        sequence=clip_sequence(config, coeffs, face),
     )
 
 
@@ -145,8 +147,11 @@ class TalkingHead:
         self.recon = load_network("face_3drecon", paths.file("face_3drecon"))
         self.audio2coeff = Audio2Coeff(load_network("audio2exp", paths.file("audio2exp")),
                                        load_network("audio2pose", paths.file("audio2pose")))
-        self.renderer = Renderer.from_checkpoints(paths.file("generator"), paths.mapping, paths.coeff_nc,
-                                                  precision=setting.precision)
+        if paths.pirender:
+            self.renderer = PIRenderRenderer.from_checkpoint(paths.pirender, precision=setting.precision)
+        else:
+            self.renderer = Renderer.from_checkpoints(paths.file("generator"), paths.mapping, paths.coeff_nc,
+                                                      precision=setting.precision)
         if setting.device != "cpu":
             self._to(torch.device(setting.device))
             if setting.precision == "fp32":
@@ -179,11 +184,14 @@ class TalkingHead:
     def device(self) -> torch.device:
         return torch.device(self.setting.device)
 
+    @property
+    def facerender(self) -> str:
+        return "pirender" if self.paths.pirender else "facevid2vid"
+
     def _to(self, device: torch.device) -> None:
         """Every SadTalker network of this head onto `device` (the landmark backend is built on the setting's
         device by `get_backend`)."""
-        for net in (self.recon, self.audio2coeff.exp_net, self.audio2coeff.pose_net, self.renderer.kp_detector,
-                    self.renderer.mapping, self.renderer.generator):
+        for net in (self.recon, self.audio2coeff.exp_net, self.audio2coeff.pose_net, self.renderer):
             net.to(device)
 
     def int8_settings(self) -> Int8Settings:
@@ -273,7 +281,8 @@ class PreparedRun:
     seed: int
     wav: np.ndarray  # 16 kHz mono, cut to whole video frames
     sequence: DrivingSequence
-    source: PreparedSource
+    source: PreparedSource | None  # the renderer's source work (None where nothing renders: a job's merge)
+    image_size: int  # side of the rendered frames
     crop_size_wh: tuple[int, int]  # the face crop's size in the picture: rendered frames are restored to it
     paste: PasteTarget | None  # full modes: where the face goes back into the original picture
     face_points: np.ndarray  # (5, 2) eye centres, nose, mouth corners of the source face in the rendered frame
@@ -315,10 +324,16 @@ def prepare_face(config: InferenceConfig, head: TalkingHead, prof: Profiler) -> 
     return face, ref_coeffs
 
 
+def row_layout(config: InferenceConfig) -> str:
+    """The preprocess mode whose coefficient rows the renderer reads: PIRender always takes the full modes' 73
+    channels (the source's crop triple appended), facevid2vid 70 or 73 by the run's mode."""
+    return "full" if config.facerender == "pirender" else config.preprocess
+
+
 def clip_sequence(config: InferenceConfig, coeffs: np.ndarray, face: PreparedFace) -> DrivingSequence:
     """The renderer's driving rows from generated (T, 70) coefficients (a streamed clip: any run of rows)."""
     return driving_sequence(
-        coeffs, face.coeff_3dmm, config.preprocess, config.still, config.expression_scale,
+        coeffs, face.coeff_3dmm, row_layout(config), config.still, config.expression_scale,
         config.input_yaw, config.input_pitch, config.input_roll,
     )
 
@@ -329,9 +344,9 @@ def source_run(
 ) -> PreparedRun:
     """The renderer's source work and the paste-back geometry around a clip."""
     with prof.stage("render"):
-        source = head.renderer.prepare(source_image(face.crop.image), source_semantics(face.coeff_3dmm, config.preprocess))
+        source = head.renderer.prepare(source_image(face.crop.image), source_semantics(face.coeff_3dmm, row_layout(config)))
     paste = paste_target(face.original, face.info, face.geometry, config.extended_crop) if config.pastes_back else None
-    return PreparedRun(sequence.num_frames, seed, wav, sequence, source, face.info.size, paste,
+    return PreparedRun(sequence.num_frames, seed, wav, sequence, source, source.image_size, face.info.size, paste,
                        five_points(face.landmarks_crop))
 
 
@@ -378,7 +393,7 @@ def finisher(run: PreparedRun, config: InferenceConfig, part: str = "all") -> Fi
     """The post-render chain of `run` (see xtalker.finish): all of it, the workers' share or the merge's."""
     settings = FinishSettings(config.blend, config.enhancer, config.enhance_align, config.checkpoint_dir, config.precision,
                               resolve_device(config.device))
-    return Finisher(settings, run.source.image_size, run.crop_size_wh, run.paste, run.face_points, run.seed, part)
+    return Finisher(settings, run.image_size, run.crop_size_wh, run.paste, run.face_points, run.seed, part)
 
 
 def write_video(
@@ -422,7 +437,7 @@ def _writable_problem(path: Path, what: str) -> str | None:
 
 def check_run(config: InferenceConfig, *, audio_file: bool = True, output: bool = True) -> None:
     """Everything that can be checked before any work, one clear error each: the settings, int8's prerequisites,
-    the enhancer's weights, the input files, where the video goes (chosen here when not given). A stream has no
+    the enhancer's weights, the input files, the checkpoint files, where the video goes (chosen here when not given). A stream has no
     audio file (`audio_file=False`), and the API's stream writes no video (`output=False`)."""
     config.validate()
     if config.precision == "int8":
@@ -432,6 +447,7 @@ def check_run(config: InferenceConfig, *, audio_file: bool = True, output: bool 
                        (config.ref_eyeblink, "--ref_eyeblink video"), (config.ref_pose, "--ref_pose video")):
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"{what} not found: {path}")
+    find_checkpoints(config.checkpoint_dir, config.size, config.preprocess, config.old_version, config.facerender)
     if not output:
         return
     config.output = config.output or default_output(config)

@@ -12,7 +12,7 @@ import yaml
 
 # Settings a preset may set, with the type each must have ("workers" and "batch_size" may also be "auto").
 PRESET_FIELDS: dict[str, type] = {"precision": str, "batch_size": int, "threads": int, "workers": int, "blend": str, "enhancer": str,
-                                  "device": str}
+                                  "device": str, "facerender": str}
 AUTO = "auto"
 AUTO_FIELDS = ("workers", "batch_size")
 # Cores per worker slot for `workers: auto`. On a 2-core VM one 2-thread process renders as fast as two

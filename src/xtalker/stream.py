@@ -32,6 +32,7 @@ from xtalker.pipeline import (
     load_head,
     prepare_face,
     render_frames,
+    row_layout,
     run_batch_size,
     run_seed,
     source_run,
@@ -190,7 +191,7 @@ class _HeldRows:
     def add(self, generated: np.ndarray) -> None:
         if len(generated):
             c = self.config
-            rows = driving_coefficients(generated, self.coeff_3dmm, c.preprocess, c.still, c.expression_scale)
+            rows = driving_coefficients(generated, self.coeff_3dmm, row_layout(c), c.still, c.expression_scale)
             self.rows = np.concatenate([self.rows, rows])
 
     def drop_before(self, frame: int) -> None:

@@ -115,17 +115,18 @@ def settings(
     seed: Optional[int],
     threads: int,
     old_version: bool,
+    facerender: str,
 ) -> str:
     """The run's settings as JSON, checked as the CLI checks them; a missing seed becomes a fresh one (reported)."""
     config = InferenceConfig(
         driven_audio=Path("-"), source_image=Path("-"), checkpoint_dir=Path(checkpoint_dir), size=size,
         preprocess=preprocess, still=still, pose_style=pose_style, expression_scale=expression_scale,
         precision=precision, batch_size=batch_size, enhancer=enhancer, enhance_align=enhance_align, blend=blend,
-        landmarks=landmarks, threads=threads, old_version=old_version,
+        landmarks=landmarks, threads=threads, old_version=old_version, facerender=facerender,
         seed=seed if seed is not None else random.SystemRandom().randrange(2**31),
     )
     config.validate()
-    find_checkpoints(config.checkpoint_dir, config.size, config.preprocess, config.old_version)
+    find_checkpoints(config.checkpoint_dir, config.size, config.preprocess, config.old_version, config.facerender)
     check_weights(config.enhancer, config.enhance_align, config.checkpoint_dir)
     values = {**settings_of(config), "seed": config.seed, "threads": threads}
     log.info("settings: %s", values)
@@ -245,12 +246,13 @@ def talking_head(
     shards: int = 2,
     threads: int = THREADS,
     old_version: bool = False,
+    facerender: str = "facevid2vid",
 ) -> FlyteFile:
     """One portrait + one speech clip -> one talking-head mp4, rendered in `shards` parallel tasks."""
     s = settings(checkpoint_dir=checkpoint_dir, size=size, preprocess=preprocess, still=still, pose_style=pose_style,
                  expression_scale=expression_scale, precision=precision, batch_size=batch_size, enhancer=enhancer,
                  enhance_align=enhance_align, blend=blend, landmarks=landmarks, seed=seed, threads=threads,
-                 old_version=old_version)
+                 old_version=old_version, facerender=facerender)
     key = fingerprint(source_image=source_image, driven_audio=driven_audio, settings=s)
     job = prepare(key=key, settings=s, source_image=source_image, driven_audio=driven_audio)
     p = plan(jobs=[job], shards=shards, settings=s)
@@ -278,12 +280,13 @@ def talking_heads(
     shards: int = 2,
     threads: int = THREADS,
     old_version: bool = False,
+    facerender: str = "facevid2vid",
 ) -> list[FlyteFile]:
     """Pairs (source_images[i], driven_audios[i]) -> one mp4 each; all shards of all videos in one map."""
     s = settings(checkpoint_dir=checkpoint_dir, size=size, preprocess=preprocess, still=still, pose_style=pose_style,
                  expression_scale=expression_scale, precision=precision, batch_size=batch_size, enhancer=enhancer,
                  enhance_align=enhance_align, blend=blend, landmarks=landmarks, seed=seed, threads=threads,
-                 old_version=old_version)
+                 old_version=old_version, facerender=facerender)
     pairs = pair(source_images=source_images, driven_audios=driven_audios, settings=s)
     keys = map_task(fingerprint)(source_image=pairs.source_image, driven_audio=pairs.driven_audio,
                                  settings=pairs.settings)

@@ -22,18 +22,17 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from xtalker.atomic import read_json, write_atomic, write_json_atomic
 from xtalker.config import AUTO_BATCH, InferenceConfig
 from xtalker.device import auto_batch_size, resolve_device
 from xtalker.finish import PasteTarget
-from xtalker.models.generator import SourceFeatures
 from xtalker.parallel.jobs import Job, job_header, jobs_root, new_job_id, record_worker
 from xtalker.parallel.slots import pin_prefix, plan_slots
 from xtalker.pipeline import (
     PreparedRun,
     RunResult,
+    TalkingHead,
     finisher,
     load_head,
     load_speech,
@@ -43,7 +42,7 @@ from xtalker.pipeline import (
     write_video,
 )
 from xtalker.profiling import Profiler
-from xtalker.render import DrivingSequence, PreparedSource
+from xtalker.render import DrivingSequence
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +94,9 @@ def _inputs_path(job: Job) -> Path:
     return job.path / "inputs.npz"
 
 
-def save_run(job: Job, run: PreparedRun, config: InferenceConfig, landmarks: str) -> None:
+def save_run(job: Job, run: PreparedRun, config: InferenceConfig, head: TalkingHead) -> None:
     """inputs.npz, then job.json marked prepared: a job.json without the mark means an unfinished prepare."""
-    source = run.source
-    arrays = {
-        "wav": run.wav,
-        "coeffs": run.sequence.coeffs,
-        "kp_canonical": source.kp_canonical.numpy(),
-        "kp_source": source.kp_source.numpy(),
-    }
-    arrays.update({f"feature_{f.name}": getattr(source.features, f.name).numpy() for f in dataclasses.fields(source.features)})
+    arrays = {"wav": run.wav, "coeffs": run.sequence.coeffs, **head.renderer.source_arrays(run.source)}
     arrays.update({name: a for name in ANGLES if (a := getattr(run.sequence, name)) is not None})
     if run.paste is not None:
         arrays["paste_background"] = run.paste.background
@@ -117,32 +109,26 @@ def save_run(job: Job, run: PreparedRun, config: InferenceConfig, landmarks: str
         "inputs": input_digests(config),
         "num_frames": run.num_frames,
         "seed": run.seed,
-        "landmarks": landmarks,
+        "landmarks": head.landmarks.name,
         "radius": run.sequence.radius,
-        "coeff_nc": source.coeff_nc,
-        "image_size": source.image_size,
+        "image_size": run.image_size,
         "crop_size_wh": list(run.crop_size_wh),
         "paste_box": None if run.paste is None else list(run.paste.box),
     })
 
 
-def load_run(job: Job, config: InferenceConfig) -> tuple[PreparedRun, dict]:
+def load_run(job: Job, config: InferenceConfig, head: TalkingHead | None = None) -> tuple[PreparedRun, dict]:
+    """The prepared run of `job`; its renderer source on `head` (None: no source, for a merge)."""
     meta = _prepared_meta(job, config)
     with np.load(_inputs_path(job)) as data:
         arrays = {k: data[k] for k in data.files}
-    features = SourceFeatures(**{
-        f.name: torch.from_numpy(arrays[f"feature_{f.name}"]) for f in dataclasses.fields(SourceFeatures)
-    })
-    source = PreparedSource(
-        kp_canonical=torch.from_numpy(arrays["kp_canonical"]), kp_source=torch.from_numpy(arrays["kp_source"]),
-        features=features, coeff_nc=meta["coeff_nc"], image_size=meta["image_size"],
-    )
+    source = None if head is None else head.renderer.load_source(arrays)
     sequence = DrivingSequence(arrays["coeffs"], *(arrays.get(name) for name in ANGLES), radius=meta["radius"])
     paste = None
     if meta["paste_box"] is not None:
         paste = PasteTarget(arrays["paste_background"], tuple(meta["paste_box"]))
-    run = PreparedRun(meta["num_frames"], meta["seed"], arrays["wav"], sequence, source, tuple(meta["crop_size_wh"]), paste,
-                      arrays["face_points"])
+    run = PreparedRun(meta["num_frames"], meta["seed"], arrays["wav"], sequence, source, meta["image_size"],
+                      tuple(meta["crop_size_wh"]), paste, arrays["face_points"])
     return run, meta
 
 
@@ -194,7 +180,7 @@ def stage_prepare(config: InferenceConfig, job: Job) -> Path | None:
     prof = Profiler()
     wav = load_speech(config, prof)
     head = load_head(config, prof)
-    save_run(job, prepare_run(config, head, wav, run_seed(config), prof), config, head.landmarks.name)
+    save_run(job, prepare_run(config, head, wav, run_seed(config), prof), config, head)
     log.info("job %s: prepared (%s)", job.path, prof.as_dict()["stages_s"])
     return head.int8.path if head.int8 is not None else None
 
@@ -208,11 +194,12 @@ def stage_render(config: InferenceConfig, job: Job, shard: int, shards: int) -> 
     if path.is_file():
         log.info("job %s: shard %d already rendered", job.path, shard)
         return
-    run, _ = load_run(job, config)
+    _prepared_meta(job, config)  # a job prepared with other settings fails before any network is loaded
     record_worker(job, shard)
-    start, stop = shard_ranges(run.num_frames, shards, config.batch_size)[shard]
     prof = Profiler()
     head = load_head(config, prof)
+    run, _ = load_run(job, config, head)
+    start, stop = shard_ranges(run.num_frames, shards, config.batch_size)[shard]
     finish = finisher(run, config, "worker")
 
     def write(tmp: Path) -> None:

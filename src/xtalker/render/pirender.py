@@ -14,11 +14,16 @@ Differences from the facevid2vid renderer (`xtalker.render.renderer`), all repro
   every negative value becomes 0 (`to_frames`);
 - the frames padded to a multiple of the batch size are kept: `rendered_frame_count` frames, the extra ones
   repeating the last real frame (so the video is longer than the audio).
+
+XTalker's pipeline keeps the numbers but not the mistakes: its videos are cut to the audio's length, and the
+keyframe flags are refused with a clear line (`InferenceConfig.validate`) instead of being ignored.
+`PIRenderRenderer` offers the facevid2vid renderer's interface (`prepare`, `render`, `to`, `source_arrays`,
+`load_source`), so one pipeline, the workers and the stream drive either.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -103,15 +108,33 @@ class PIRenderRenderer:
     def device(self) -> torch.device:
         return self.net.device
 
+    def to(self, device: torch.device) -> "PIRenderRenderer":
+        self.net.to(device)
+        return self
+
     @torch.no_grad()
-    def prepare(self, source_image: torch.Tensor | np.ndarray) -> PreparedSource:
-        """Source work done once per video: (1, 3, S, S) float32 crop in [0, 1] (`inputs.source_image`)."""
+    def prepare(self, source_image: torch.Tensor | np.ndarray, source_semantics: object = None) -> PreparedSource:
+        """Source work done once per video: (1, 3, S, S) float32 crop in [0, 1] (`inputs.source_image`).
+        `source_semantics` is accepted for the facevid2vid renderer's signature: PIRender reads no source row."""
         return self.net.prepare(_tensor(source_image))
 
     @torch.no_grad()
-    def render(self, source: PreparedSource, driving: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """(B, 73, 27) driving windows -> (B, 3, S, S) frames, the raw tanh output in [-1, 1]."""
+    def render(self, source: PreparedSource, driving: torch.Tensor | np.ndarray, yaw_deg: object = None,
+               pitch_deg: object = None, roll_deg: object = None) -> torch.Tensor:
+        """(B, 73, 27) driving windows -> (B, 3, S, S) frames, the raw tanh output in [-1, 1]. Angle overrides
+        (facevid2vid's keyframes) cannot apply to PIRender and are an error."""
+        if any(a is not None for a in (yaw_deg, pitch_deg, roll_deg)):
+            raise ValueError("PIRender renders from 3DMM coefficients only: head-angle keyframes do not apply")
         return self.net.render(source, _tensor(driving))
+
+    @staticmethod
+    def source_arrays(source: PreparedSource) -> dict[str, np.ndarray]:
+        """The prepared source as named arrays for a job folder: the image only (the rest is two convolutions)."""
+        return {"pirender_image": source.image.cpu().numpy()}
+
+    def load_source(self, arrays: Mapping[str, np.ndarray]) -> PreparedSource:
+        """`source_arrays` back: the source work redone on this renderer's device (bit-identical, same code)."""
+        return self.prepare(np.asarray(arrays["pirender_image"]))
 
     @torch.no_grad()
     def render_clip(self, source_image: torch.Tensor | np.ndarray, target: torch.Tensor | np.ndarray) -> torch.Tensor:

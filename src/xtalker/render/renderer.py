@@ -7,7 +7,9 @@ every driving batch; a sample's result does not depend on the batch it is render
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,29 @@ class Renderer:
     @property
     def coeff_nc(self) -> int:
         return self.mapping.coeff_nc
+
+    def to(self, device: torch.device) -> "Renderer":
+        for net in (self.kp_detector, self.mapping, self.generator):
+            net.to(device)
+        return self
+
+    @staticmethod
+    def source_arrays(source: PreparedSource) -> dict[str, np.ndarray]:
+        """The prepared source as named arrays (a job folder's inputs.npz), CPU float32."""
+        arrays = {"kp_canonical": source.kp_canonical, "kp_source": source.kp_source}
+        arrays.update({f"feature_{f.name}": getattr(source.features, f.name) for f in dataclasses.fields(source.features)})
+        return {**{k: v.cpu().numpy() for k, v in arrays.items()}, "image_size": np.array(source.image_size)}
+
+    def load_source(self, arrays: Mapping[str, np.ndarray]) -> PreparedSource:
+        """`source_arrays` back, on this renderer's device (no network runs)."""
+        from xtalker.models.generator import SourceFeatures
+
+        def tensor(name: str) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(arrays[name])).to(self.device)
+
+        features = SourceFeatures(**{f.name: tensor(f"feature_{f.name}") for f in dataclasses.fields(SourceFeatures)})
+        return PreparedSource(kp_canonical=tensor("kp_canonical"), kp_source=tensor("kp_source"), features=features,
+                              coeff_nc=self.coeff_nc, image_size=int(arrays["image_size"]))
 
     @torch.no_grad()
     def prepare(self, source_image: torch.Tensor | np.ndarray, source_semantics: torch.Tensor | np.ndarray) -> PreparedSource:

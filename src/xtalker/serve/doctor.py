@@ -147,8 +147,14 @@ def _checkpoint_checks(folder: Path, report: Report) -> None:
     report.checks.append(Check("checkpoints 256", found["256 crop"],
                                f"{folder}: {kind}" if found["256 crop"] else f"none in {folder.resolve()}", fix))
     report.checks.append(Check("checkpoints 512", found["512 crop"], "for --size 512", fix, needed=False))
-    report.checks.append(Check("full/extfull modes", found["256 full"], "mapping_00229-model.pth.tar", fix,
+    report.checks.append(Check("full/extfull modes", found["256 full"], "mapping_00109-model.pth.tar", fix,
                                needed=False))
+    from xtalker.models.pirender import FILE_NAME
+
+    pirender = (folder / FILE_NAME).is_file()
+    report.facts["checkpoints"]["pirender"] = pirender
+    report.checks.append(Check("PIRender renderer", pirender, f"{FILE_NAME} for --facerender pirender",
+                               f"put {FILE_NAME} in {folder} (see checkpoints/README.md)", needed=False))
 
 
 def _aux_checks(folder: Path, report: Report) -> None:

@@ -71,7 +71,7 @@ class Page:
     @staticmethod
     def _options(source_image: str | None, driven_audio: str | None, preset: str, size: int, preprocess: str,
                  still: bool, pose_style: int, expression_scale: float, enhancer: str, blend: str,
-                 seed: float | None, batch_size: float | None) -> dict[str, Any]:
+                 seed: float | None, batch_size: float | None, facerender: str | None = DEFAULT) -> dict[str, Any]:
         """The page's fields as XTalker options; bad input raises a `ValueError` subclass with the message to show."""
         from xtalker.config import ConfigError
 
@@ -89,6 +89,8 @@ class Page:
             options["seed"] = int(seed)
         if batch_size is not None and int(batch_size) > 0:
             options["batch_size"] = int(batch_size)
+        if facerender and facerender != DEFAULT:
+            options["facerender"] = facerender
         options["preset"] = None if preset in (NO_PRESET, "", None) else preset
         return options
 
@@ -107,19 +109,21 @@ class Page:
 
     def generate(self, source_image: str | None, driven_audio: str | None, preset: str, size: int, preprocess: str,
                  still: bool, pose_style: int, expression_scale: float, enhancer: str, blend: str,
-                 seed: float | None = -1, batch_size: float | None = 0, session: str = "", progress=None
+                 seed: float | None = -1, batch_size: float | None = 0, facerender: str | None = DEFAULT,
+                 session: str = "", progress=None
                  ) -> tuple[str, int, str]:
         """The page's Generate: (video path, seed used, timings). Raises `ValueError` subclasses with the message
         to show for bad input."""
         options = self._options(source_image, driven_audio, preset, size, preprocess, still, pose_style,
-                                expression_scale, enhancer, blend, seed, batch_size)
+                                expression_scale, enhancer, blend, seed, batch_size, facerender)
         output = self.output_dir / f"xtalker-{uuid.uuid4().hex[:12]}.mp4"
         video = self.xt.generate(source_image, driven_audio, output, progress=self._watch(session, progress), **options)
         return str(video.output), video.seed, timings_markdown(video)
 
     def stream(self, source_image: str | None, driven_audio: str | None, preset: str, size: int, preprocess: str,
                still: bool, pose_style: int, expression_scale: float, enhancer: str, blend: str,
-               seed: float | None = -1, batch_size: float | None = 0, session: str = "", progress=None
+               seed: float | None = -1, batch_size: float | None = 0, facerender: str | None = DEFAULT,
+               session: str = "", progress=None
                ) -> Iterator[tuple[str, int, str]]:
         """The page's Stream: one-second mp4 segments as soon as they are rendered, each as (segment path, seed,
         status line); the speech is fed to the renderer as a live source would deliver it."""
@@ -127,7 +131,7 @@ class Page:
         from xtalker.stream import file_chunks, segments
 
         options = self._options(source_image, driven_audio, preset, size, preprocess, still, pose_style,
-                                expression_scale, enhancer, blend, seed, batch_size)
+                                expression_scale, enhancer, blend, seed, batch_size, facerender)
         wav = load_audio(driven_audio)
         total = len(wav) // 640
         live = self.xt.stream(source_image, file_chunks(wav), **options)
@@ -151,7 +155,7 @@ def build(xt, output_dir: Path, max_queue: int = 8):
     import gradio as gr
 
     from xtalker.api import USER_ERRORS
-    from xtalker.config import NUM_POSE_STYLES, SIZES, ConfigError
+    from xtalker.config import FACERENDERS, NUM_POSE_STYLES, SIZES, ConfigError
     from xtalker.finish import BLENDS
     from xtalker.finish.enhance import ENHANCERS
     from xtalker.preprocess import PREPROCESS_MODES
@@ -177,21 +181,21 @@ def build(xt, output_dir: Path, max_queue: int = 8):
                            print_exception=False) from None
 
     def generate(source_image, driven_audio, preset, size, preprocess, still, pose_style, expression_scale,
-                 enhancer, blend, seed, batch_size, request: gr.Request, progress=gr.Progress()):
+                 enhancer, blend, seed, batch_size, facerender, request: gr.Request, progress=gr.Progress()):
         session = getattr(request, "session_hash", None) or ""
         with shown_as_messages():
             return page.generate(source_image, driven_audio, preset, size, preprocess, still, pose_style,
-                                 expression_scale, enhancer, blend, seed, batch_size, session, progress)
+                                 expression_scale, enhancer, blend, seed, batch_size, facerender, session, progress)
 
     def stream(source_image, driven_audio, preset, size, preprocess, still, pose_style, expression_scale,
-               enhancer, blend, seed, batch_size, request: gr.Request, progress=gr.Progress()):
+               enhancer, blend, seed, batch_size, facerender, request: gr.Request, progress=gr.Progress()):
         session = getattr(request, "session_hash", None) or ""
         with shown_as_messages():
             if missing := [tool for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]:
                 raise ConfigError(f"Stream needs {' and '.join(missing)} on the server's PATH (Gradio's streaming video "
                                   "runs them): install FFmpeg (apt-get install ffmpeg), or use Generate")
             yield from page.stream(source_image, driven_audio, preset, size, preprocess, still, pose_style,
-                                   expression_scale, enhancer, blend, seed, batch_size, session, progress)
+                                   expression_scale, enhancer, blend, seed, batch_size, facerender, session, progress)
 
     def cancel(request: gr.Request):
         page.cancel(getattr(request, "session_hash", None) or "")
@@ -221,6 +225,8 @@ def build(xt, output_dir: Path, max_queue: int = 8):
                 with gr.Row():
                     seed = gr.Number(value=-1, precision=0, label="seed (-1: random)", elem_id="seed")
                     batch_size = gr.Number(value=0, precision=0, minimum=0, label="batch size (0: the preset's)")
+                    facerender = gr.Dropdown([DEFAULT, *FACERENDERS], value=DEFAULT, elem_id="facerender",
+                                             label="renderer (pirender: the lightweight one)")
                 with gr.Row():
                     run = gr.Button("Generate", variant="primary", elem_id="generate")
                     live_run = gr.Button("Stream (watch while it renders)", elem_id="stream")
@@ -233,7 +239,7 @@ def build(xt, output_dir: Path, max_queue: int = 8):
                 timings = gr.Markdown(elem_id="timings")
         gr.Examples(_examples(), inputs=[source_image, driven_audio], label="example (click to load)")
         fields = [source_image, driven_audio, preset, size, preprocess, still, pose_style, expression_scale, enhancer,
-                  blend, seed, batch_size]
+                  blend, seed, batch_size, facerender]
         event = run.click(generate, fields, [video, used_seed, timings], api_name="generate", concurrency_limit=1,
                           concurrency_id="render")
         streamed = live_run.click(stream, fields, [live, used_seed, timings], api_name="stream",
