@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Fetch the official SadTalker checkpoints (and the face-detector / enhancer weights) into a folder.
 #
-#   bash scripts/download_models.sh [--legacy] [DIR]   # default DIR: checkpoints/ next to this script's repo
+#   bash scripts/download_models.sh [--legacy] [--pirender] [DIR]   # default DIR: checkpoints/ next to this repo
 #
 # --legacy also fetches the legacy per-network files that `--old_version` reads (auido2exp_00300-model.pth,
 # auido2pose_00140-model.pth, facevid2vid_00189-model.pth.tar, epoch_20.pth; 0.85 GB), from the v0.0.2 release
 # where upstream's download script listed them (upstream made SadTalker_V0.0.2_256.safetensors from them).
+#
+# --pirender also fetches PIRender's face model, epoch_00190_iteration_000400000_checkpoint.pt (`--facerender
+# pirender`). Neither SadTalker nor PIRender publishes it at a stable direct link (PIRender's README points to a
+# cloud-drive folder, result/face/), so give its address in XTALKER_PIRENDER_URL, or copy the file into DIR by hand.
 #
 # Needs internet access. Files already present are kept; each download goes to DIR/NAME.part and is
 # renamed only when complete, so an interrupted run never leaves a truncated checkpoint behind.
@@ -13,12 +17,14 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 legacy=0
+pirender=0
 dest=""
 for arg in "$@"; do
   case "$arg" in
     --legacy) legacy=1 ;;
-    -h|--help) sed -n '2,10p' "${BASH_SOURCE[0]}"; exit 0 ;;
-    -*) echo "error: unknown option $arg (known: --legacy)" >&2; exit 2 ;;
+    --pirender) pirender=1 ;;
+    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -*) echo "error: unknown option $arg (known: --legacy, --pirender)" >&2; exit 2 ;;
     *) dest="$arg" ;;
   esac
 done
@@ -49,6 +55,16 @@ if [ "$legacy" = 1 ]; then
   )
 fi
 
+pirender_name="epoch_00190_iteration_000400000_checkpoint.pt"
+if [ "$pirender" = 1 ] && [ ! -s "$dest/$pirender_name" ]; then
+  if [ -z "${XTALKER_PIRENDER_URL:-}" ]; then
+    echo "error: --pirender: set XTALKER_PIRENDER_URL to the address of PIRender's $pirender_name (its README's" \
+         "result/face/ download), or copy the file into $dest by hand" >&2
+    exit 2
+  fi
+  files+=("$XTALKER_PIRENDER_URL")
+fi
+
 fetch() {
   if command -v curl >/dev/null 2>&1; then
     curl -fL --retry 3 -o "$2" "$1"
@@ -62,6 +78,7 @@ fetch() {
 
 for url in "${files[@]}"; do
   name="${url##*/}"
+  [ "$url" = "${XTALKER_PIRENDER_URL:-}" ] && name="$pirender_name"
   if [ -s "$dest/$name" ]; then
     echo "have $name"
     continue
