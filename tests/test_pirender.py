@@ -219,6 +219,7 @@ def speech7(tmp_path_factory) -> Path:
 def _config(ckpt, audio, out, **kw):
     from xtalker.config import InferenceConfig
 
+    kw.setdefault("compile", False)  # eager: torch.compile's first build takes a minute (test_compiled_forward_...)
     return InferenceConfig(driven_audio=audio, source_image=PORTRAIT, checkpoint_dir=ckpt, output=out, seed=3,
                            facerender="pirender", **kw)
 
@@ -274,6 +275,37 @@ def test_full_still_mode_pastes_back_and_workers_match(tmp_path, pirender_checkp
             stage_render(config, job, shard, 2)
     merged = stage_merge(config, job, 2, tmp_path / "merged.mp4")
     assert merged.frames == 7 and np.array_equal(_frames(merged.output), single)
+
+
+def test_compiled_forward_pads_short_batches_to_its_one_shape(pirender_checkpoint, monkeypatch, tmp_path):
+    """The compiled path is what the CLI runs by default; torch.compile itself is replaced by a recorder here (its
+    real build takes a minute; its speed and fidelity are in benchmarks/results/speed_pirender.md)."""
+    from xtalker.pipeline import Setting
+
+    calls = []
+
+    def recording_compile(fn, dynamic=None):
+        def run(source, windows):
+            calls.append(tuple(windows.shape))
+            return fn(source, windows)
+
+        assert dynamic is False
+        return run
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    config = _config(pirender_checkpoint.parent, SPEECH, tmp_path / "x.mp4", compile=True)
+    assert Setting.of(config).compile and not Setting.of(_config(pirender_checkpoint.parent, SPEECH, None)).compile
+    eager = pirender.PIRenderRenderer.from_checkpoint(pirender_checkpoint)
+    compiled = pirender.PIRenderRenderer.from_checkpoint(pirender_checkpoint)
+    compiled.compile(tmp_path)
+    assert compiled.compiled and not eager.compiled
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 3, 64, 64), dtype=np.float32)
+    windows = torch.from_numpy(rng.normal(0, 0.3, (3, 73, 27)).astype(np.float32))
+    source = compiled.prepare(image)
+    out = torch.cat([compiled.render(source, windows[:2]), compiled.render(source, windows[2:])])
+    assert calls == [(2, 73, 27), (2, 73, 27)]  # the last, single window padded to the first batch's shape
+    assert float((out - eager.render(eager.prepare(image), windows)).abs().max()) < 1e-4
 
 
 def test_what_pirender_cannot_do_is_refused(tmp_path, pirender_checkpoint):

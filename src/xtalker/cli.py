@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "detect (upstream: RetinaFace + ParseNet on every frame; needs detection_Resnet50_Final.pth and "
                            "parsing_parsenet.pth)")
     ours.add_argument("--no-compile", "--no_compile", dest="compile", action="store_false",
-                      help="never build or load compiled graphs (int8 needs them; fp32/bf16 are eager anyway)")
+                      help="never build or load compiled graphs (int8 needs them; --facerender pirender then runs eagerly: "
+                           "no compile time, slower frames; facevid2vid fp32/bf16 are eager anyway)")
     ours.add_argument("--cache_dir", type=Path, default=None,
                       help="where compiled int8 graphs are kept (default: $XTALKER_CACHE_DIR or ~/.cache/xtalker/compiled)")
     ours.add_argument("--backend", choices=("native", "ipex"), default="native", help="native PyTorch/oneDNN, or Intel Extension for PyTorch when importable")

@@ -57,7 +57,8 @@ class InferenceConfig:
     # Render the next batch while this one is finished and encoded (xtalker.overlap). None: on a GPU only; on a
     # CPU the producer thread takes cores from the renderer (16 frames bf16: 28.2 s serial, 30.0 s overlapped).
     overlap: bool | None = None
-    compile: bool = True  # int8 runs an ahead-of-time compiled graph; fp32/bf16 run eagerly either way
+    # int8 runs an ahead-of-time compiled graph; PIRender a torch.compile'd one; facevid2vid fp32/bf16 run eagerly
+    compile: bool = True
     cache_dir: Path | None = None  # compiled int8 graphs; None: $XTALKER_CACHE_DIR or ~/.cache/xtalker/compiled
     seed: int | None = None  # None: a fresh seed per run (upstream is unseeded), reported for reruns
     threads: int | None = None  # None: torch's default (all cores)

@@ -91,11 +91,13 @@ class Setting:
     backend: str = "native"
     cache_dir: Path | None = None  # compiled int8 graphs; None: xtalker.render.quantize.default_cache_dir()
     device: str = "cpu"  # resolved: "cpu" or "cuda:N"
+    compile: bool = False  # PIRender's forward through torch.compile (`PIRenderRenderer.compile`)
 
     @classmethod
     def of(cls, config: InferenceConfig) -> "Setting":
         paths = find_checkpoints(config.checkpoint_dir, config.size, config.preprocess, config.old_version, config.facerender)
-        return cls(paths, config.precision, config.backend, config.cache_dir, resolve_device(config.device))
+        return cls(paths, config.precision, config.backend, config.cache_dir, resolve_device(config.device),
+                   compile=config.compile and paths.pirender is not None)
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,8 @@ class TalkingHead:
                                        load_network("audio2pose", paths.file("audio2pose")))
         if paths.pirender:
             self.renderer = PIRenderRenderer.from_checkpoint(paths.pirender, precision=setting.precision)
+            if setting.compile:
+                self.renderer.compile(setting.cache_dir)
         else:
             self.renderer = Renderer.from_checkpoints(paths.file("generator"), paths.mapping, paths.coeff_nc,
                                                       precision=setting.precision)

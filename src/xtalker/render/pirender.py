@@ -85,6 +85,25 @@ class PIRenderRenderer:
 
     def __init__(self, net: FaceGenerator):
         self.net = net
+        self._compiled = None  # torch.compile'd per-frame forward (`compile`)
+        self._batch = 0  # the batch shape compiled for: smaller batches are padded to it
+
+    def compile(self, cache_dir: Path | None = None) -> None:
+        """Run the per-frame forward through torch.compile (Inductor): it fuses PIRender's many norms and activations
+        (bf16, 256, 2 cores: 0.20 instead of 0.33-0.38 s a frame). Compiling takes about a minute the first time
+        on a machine and about 7 s later (Inductor's cache: `cache_dir`/inductor, default beside the int8 graphs).
+        Shapes are fixed: a batch smaller than the first one is padded with its last window (PIRender renders each
+        sample independently: 1e-5 apart alone or batched, measured)."""
+        import os
+
+        from xtalker.render.quantize import default_cache_dir
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str((cache_dir or default_cache_dir()) / "inductor"))
+        self._compiled = torch.compile(self.net.render_all, dynamic=False)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, precision: str = "fp32", device: str | torch.device = "cpu") -> "PIRenderRenderer":
@@ -125,7 +144,14 @@ class PIRenderRenderer:
         (facevid2vid's keyframes) cannot apply to PIRender and are an error."""
         if any(a is not None for a in (yaw_deg, pitch_deg, roll_deg)):
             raise ValueError("PIRender renders from 3DMM coefficients only: head-angle keyframes do not apply")
-        return self.net.render(source, _tensor(driving))
+        windows = _tensor(driving)
+        if self._compiled is None:
+            return self.net.render(source, windows)
+        b = windows.shape[0]
+        self._batch = max(self._batch, b)
+        if b < self._batch:  # one compiled shape: pad with the last window, drop the extra frames
+            windows = torch.cat([windows, windows[-1:].expand(self._batch - b, -1, -1)])
+        return self._compiled(source, windows).fake_image[:b]
 
     @staticmethod
     def source_arrays(source: PreparedSource) -> dict[str, np.ndarray]:
