@@ -102,15 +102,24 @@ def test_gfpgan_enhancer_doubles_the_video_and_restores_the_face(tmp_path, speec
     corner = np.abs(after[:24, :24].astype(int) - upscaled[:24, :24]).mean()
     face = np.abs(after[180:330, 180:330].astype(int) - upscaled[180:330, 180:330]).mean()
     assert face > 3 * corner, (face, corner)
+    same_size, info = run(tmp_path, enhancer_checkpoints, audio, warm, name="gfpgan1.mp4", enhancer="gfpgan",
+                          enhance_scale=1)
+    assert same_size.size_wh == plain.size_wh and info.width == w  # --enhance_scale 1: the rendered size back
+    kept = frames_of(same_size.output)[0].astype(int)
+    assert np.abs(kept[:12, :12] - before[:12, :12]).mean() < np.abs(kept[90:165, 90:165] - before[90:165, 90:165]).mean()
 
 
-def test_gfpgan_in_full_mode_pastes_the_enhanced_face_into_the_upscaled_picture(tmp_path, speech, enhancer_checkpoints):
+@pytest.mark.parametrize("scale", [2, 1])
+def test_gfpgan_in_full_mode_pastes_the_enhanced_face_into_the_upscaled_picture(tmp_path, speech, enhancer_checkpoints,
+                                                                                scale):
+    """--enhance_scale 2 is upstream's doubled picture; 1 keeps the picture's own size (512 x 512 here)."""
     audio = clip(tmp_path, speech, frames=1)
     result, info = run(tmp_path, enhancer_checkpoints, audio, preprocess="full", still=True, blend="feather",
-                       enhancer="gfpgan", precision="bf16")
-    assert (info.width, info.height) == (1024, 1024)
+                       enhancer="gfpgan", precision="bf16", enhance_scale=scale)
+    side = 512 * scale
+    assert (info.width, info.height) == (side, side) == result.size_wh
     original = cv2.cvtColor(cv2.imread(str(PORTRAIT)), cv2.COLOR_BGR2RGB)
-    upscaled = cv2.resize(original, (1024, 1024), interpolation=cv2.INTER_LANCZOS4).astype(int)
+    upscaled = cv2.resize(original, (side, side), interpolation=cv2.INTER_LANCZOS4).astype(int)
     frame = frames_of(result.output)[0].astype(int)
     assert np.abs(frame[:80, :80] - upscaled[:80, :80]).mean() < 4
 

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="how --enhancer gfpgan finds the face: source (aligned once from the source landmarks; fast) or "
                            "detect (upstream: RetinaFace + ParseNet on every frame; needs detection_Resnet50_Final.pth and "
                            "parsing_parsenet.pth)")
+    ours.add_argument("--enhance_scale", type=int, choices=(2, 1), default=2,
+                      help="output size of --enhancer gfpgan: 2 (upstream: twice the rendered size, 1280x720 -> 2560x1440) or "
+                           "1 (the rendered size: the restored face pasted back at it)")
     ours.add_argument("--no-compile", "--no_compile", dest="compile", action="store_false",
                       help="never build or load compiled graphs (int8 needs them; --facerender pirender then runs eagerly: "
                            "no compile time, slower frames; facevid2vid fp32/bf16 are eager anyway)")
@@ -180,6 +183,7 @@ def config_from_args(args: argparse.Namespace) -> InferenceConfig:
         blend=chosen["blend"],
         enhancer=chosen["enhancer"],
         enhance_align=args.enhance_align,
+        enhance_scale=args.enhance_scale,
         profile=args.profile,
         report=args.report,
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xtalker.finish import ALIGNS, BLENDS, check_enhancer
+from xtalker.finish.enhance import SCALES as ENHANCE_SCALES
 from xtalker.preprocess import PREPROCESS_MODES
 
 SIZES = (256, 512)
@@ -54,6 +55,7 @@ class InferenceConfig:
     blend: str = "seamless"  # paste-back blend of the full modes (xtalker.finish.BLENDS)
     enhancer: str | None = None  # face enhancer (xtalker.finish.enhance.ENHANCERS), None: none
     enhance_align: str = "source"  # GFPGAN face alignment (xtalker.finish.ALIGNS): once from the source, or detect
+    enhance_scale: int = 2  # a restoring enhancer's output: 2x the rendered size (upstream) or 1x
     # Render the next batch while this one is finished and encoded (xtalker.overlap). None: on a GPU only; on a
     # CPU the producer thread takes cores from the renderer (16 frames bf16: 28.2 s serial, 30.0 s overlapped).
     overlap: bool | None = None
@@ -110,6 +112,9 @@ class InferenceConfig:
             raise ConfigError(str(e)) from None
         if self.enhance_align not in ALIGNS:
             raise ConfigError(f"--enhance_align must be one of {', '.join(ALIGNS)}, got {self.enhance_align!r}")
+        if self.enhance_scale not in ENHANCE_SCALES:
+            raise ConfigError(f"--enhance_scale must be 2 (upstream's doubled output) or 1 (the rendered size), "
+                              f"got {self.enhance_scale!r}")
         if self.blend not in BLENDS:
             raise ConfigError(f"--blend must be one of {', '.join(BLENDS)}, got {self.blend!r}")
         if self.workers < 1:

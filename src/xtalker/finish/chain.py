@@ -6,7 +6,8 @@ their output in the shards; the merge applies the rest. A single process applies
 
 Order: the source-aligned GFPGAN path enhances the face crop (resized to the paste box in full modes) and
 pastes it into the original picture upscaled once per video; the `detect` path, like upstream, enhances the
-finished frame. Either way the enhanced video is twice the rendered size, as upstream's.
+finished frame. Either way the enhanced video is twice the rendered size, as upstream's, or with
+`enhance_scale` 1 the rendered size (the restored face pasted back at it).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class FinishSettings:
     checkpoint_dir: Path = Path("checkpoints")
     precision: str = "fp32"
     device: str = "cpu"  # resolved ("cpu", "cuda:N"): where the enhancer's networks run
+    enhance_scale: int = UPSCALE  # a restoring enhancer's output: 2x (upstream) or the rendered size (1)
 
     @property
     def heavy(self) -> bool:
@@ -84,7 +86,7 @@ class Finisher:
         ]
         frame_wh = restored_size(render_size, crop_size_wh)
         after_paste = settings.heavy and settings.enhance_align == "detect"
-        upscale = UPSCALE if settings.heavy and not after_paste else 1
+        upscale = settings.enhance_scale if settings.heavy and not after_paste else 1
         if settings.enhancer is not None and not after_paste:
             if paste is not None and settings.heavy:
                 # Enhance at the size the face takes in the picture, as upstream's enhancer sees it.
@@ -96,14 +98,14 @@ class Finisher:
                 points = np.asarray(face_points, np.float32) * scale
             plan.append(("enhance", lambda: make_enhancer(
                 settings.enhancer, settings.enhance_align, settings.checkpoint_dir, settings.precision, seed,
-                points, frame_wh, settings.device)))
+                points, frame_wh, settings.device, settings.enhance_scale)))
         heavy_until = len(plan) if settings.heavy else 0
         if paste is not None:
             plan.append(("paste", lambda: _per_frame(Paster(scaled_target(paste, upscale), settings.blend))))
         if after_paste:
             plan.append(("enhance", lambda: make_enhancer(
                 settings.enhancer, settings.enhance_align, settings.checkpoint_dir, settings.precision, seed,
-                device=settings.device)))
+                device=settings.device, scale=settings.enhance_scale)))
             heavy_until = len(plan)
         chosen = {"all": plan, "worker": plan[:heavy_until], "merge": plan[heavy_until:]}[part]
         self.stages = [(name, build()) for name, build in chosen]

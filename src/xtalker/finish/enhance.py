@@ -55,6 +55,7 @@ PLANNED = {"restoreformer": "RestoreFormer"}
 SHARPEN_SIGMA = 1.2  # px at the output size: the renderer's blur scale at 256 px
 SHARPEN_AMOUNT = 0.6  # 1 + amount times the frame minus amount times its blur
 UPSCALE = 2  # upstream's GFPGANer(upscale=2): the enhanced video is twice the rendered size
+SCALES = (2, 1)  # --enhance_scale: upstream's doubled output, or the input's size (the face pasted back at it)
 
 
 class EnhancerWeightsMissing(CheckpointError):
@@ -174,12 +175,12 @@ class SourceAlignedEnhancer:
     """GFPGAN with one alignment per video from the source landmarks (in the coordinates of the frames
     this enhancer receives) and a fixed soft mask."""
 
-    def __init__(self, restorer: Restorer, lm5: np.ndarray, frame_wh: tuple[int, int]):
+    def __init__(self, restorer: Restorer, lm5: np.ndarray, frame_wh: tuple[int, int], scale: int = UPSCALE):
         self.restorer = restorer
         self.affine = align_affine(lm5)
-        self.inverse = inverse_affine(self.affine, UPSCALE)
+        self.inverse = inverse_affine(self.affine, scale)
         self.frame_wh = frame_wh
-        self.out_wh = (frame_wh[0] * UPSCALE, frame_wh[1] * UPSCALE)
+        self.out_wh = (frame_wh[0] * scale, frame_wh[1] * scale)
         self.soft_mask = warp_mask(template_mask(), self.inverse, self.out_wh)
 
     def __call__(self, frames: np.ndarray, first: int) -> np.ndarray:
@@ -209,10 +210,11 @@ def enhance_detected(
     faces: DetectedFaces,
     restore: Callable[[np.ndarray], np.ndarray],
     parse: Callable[[np.ndarray], np.ndarray],
+    scale: int = UPSCALE,
 ) -> np.ndarray:
     """Upstream's per-frame enhance: align each face, restore, parse, paste in order on the Lanczos upscale."""
     h, w = frame_bgr.shape[:2]
-    size_wh = (w * UPSCALE, h * UPSCALE)
+    size_wh = (w * scale, h * scale)
     canvas = upscale_background(frame_bgr, size_wh)
     if len(faces.landmarks5) == 0:
         return canvas
@@ -221,7 +223,7 @@ def enhance_detected(
     classes = parse(restored)
     out = canvas.astype(np.float64)
     for affine, face, cls in zip(affines, restored, classes):
-        inverse = inverse_affine(affine, UPSCALE)
+        inverse = inverse_affine(affine, scale)
         out = paste_face(out, face, inverse, warp_mask(parse_classes_mask(cls), inverse, size_wh))
     return to_u8(out)
 
@@ -230,7 +232,7 @@ class DetectingEnhancer:
     """Upstream's procedure per finished frame: RetinaFace, LMedS alignment, GFPGAN, ParseNet mask, paste."""
 
     def __init__(self, restorer: Restorer, detector_path: Path, parsenet_path: Path, precision: str = "fp32",
-                 device: str = "cpu"):
+                 device: str = "cpu", scale: int = UPSCALE):
         from xtalker.models.parsenet import load_parsenet
         from xtalker.preprocess import FaceDetector
 
@@ -240,7 +242,7 @@ class DetectingEnhancer:
                                lambda: FaceDetector.from_file(detector_path, device=device))
         self.parsenet = shared("parsenet", network_key(parsenet_path, device),
                                lambda: load_parsenet(parsenet_path).to(torch.device(device)))
-        self.precision = precision
+        self.precision, self.scale = precision, scale
 
     def faces(self, frames_bgr: Sequence[np.ndarray]) -> list[DetectedFaces]:
         from xtalker.preprocess import restore_helper_faces
@@ -262,7 +264,8 @@ class DetectingEnhancer:
         out = []
         for i, (frame, faces) in enumerate(zip(bgr, self.faces(bgr))):
             keys = [(first + i, k) for k in range(len(faces.landmarks5))]
-            out.append(enhance_detected(frame, faces, lambda crops, keys=keys: self.restorer(crops, keys), self.parse))
+            out.append(enhance_detected(frame, faces, lambda crops, keys=keys: self.restorer(crops, keys), self.parse,
+                                        self.scale))
         return np.stack(out)[..., ::-1]
 
 
@@ -275,11 +278,13 @@ def make_enhancer(
     lm5: np.ndarray | None = None,
     frame_wh: tuple[int, int] | None = None,
     device: str = "cpu",
+    scale: int = UPSCALE,
 ) -> Enhancer | None:
     """The enhancer `name` (see ENHANCERS), or None. `lm5`/`frame_wh`: the source face's 5 points in the frames
     the enhancer will receive (the `source` alignment). `precision` fp32 keeps the networks in fp32; anything
     else runs GFPGAN and ParseNet in bf16 (their plans' bf16 weights). `device`: where the networks run
-    (resolved: "cpu" or "cuda:N"); the lightweight enhancer is OpenCV on the CPU."""
+    (resolved: "cpu" or "cuda:N"); the lightweight enhancer is OpenCV on the CPU. `scale`: the restoring enhancers'
+    output size, 2 (upstream) or 1 times their input (SCALES)."""
     key = check_enhancer(name)
     if key is None:
         return None
@@ -291,7 +296,7 @@ def make_enhancer(
     net_precision = "fp32" if precision == "fp32" else "bf16"
     restorer = Restorer(paths[GFPGAN_FILE], net_precision, seed, device)
     if align == "detect":
-        return DetectingEnhancer(restorer, paths[RETINAFACE_FILE], paths[PARSENET_FILE], net_precision, device)
+        return DetectingEnhancer(restorer, paths[RETINAFACE_FILE], paths[PARSENET_FILE], net_precision, device, scale)
     if lm5 is None or frame_wh is None:
         raise ValueError("the source-aligned enhancer needs the source face's 5 points and the frame size")
-    return SourceAlignedEnhancer(restorer, lm5, frame_wh)
+    return SourceAlignedEnhancer(restorer, lm5, frame_wh, scale)

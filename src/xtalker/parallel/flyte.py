@@ -116,6 +116,7 @@ def settings(
     threads: int,
     old_version: bool,
     facerender: str,
+    enhance_scale: int = 2,
 ) -> str:
     """The run's settings as JSON, checked as the CLI checks them; a missing seed becomes a fresh one (reported)."""
     config = InferenceConfig(
@@ -123,7 +124,7 @@ def settings(
         preprocess=preprocess, still=still, pose_style=pose_style, expression_scale=expression_scale,
         precision=precision, batch_size=batch_size, enhancer=enhancer, enhance_align=enhance_align, blend=blend,
         landmarks=landmarks, threads=threads, old_version=old_version, facerender=facerender,
-        seed=seed if seed is not None else random.SystemRandom().randrange(2**31),
+        enhance_scale=enhance_scale, seed=seed if seed is not None else random.SystemRandom().randrange(2**31),
     )
     config.validate()
     find_checkpoints(config.checkpoint_dir, config.size, config.preprocess, config.old_version, config.facerender)
@@ -247,12 +248,13 @@ def talking_head(
     threads: int = THREADS,
     old_version: bool = False,
     facerender: str = "facevid2vid",
+    enhance_scale: int = 2,
 ) -> FlyteFile:
     """One portrait + one speech clip -> one talking-head mp4, rendered in `shards` parallel tasks."""
     s = settings(checkpoint_dir=checkpoint_dir, size=size, preprocess=preprocess, still=still, pose_style=pose_style,
                  expression_scale=expression_scale, precision=precision, batch_size=batch_size, enhancer=enhancer,
                  enhance_align=enhance_align, blend=blend, landmarks=landmarks, seed=seed, threads=threads,
-                 old_version=old_version, facerender=facerender)
+                 old_version=old_version, facerender=facerender, enhance_scale=enhance_scale)
     key = fingerprint(source_image=source_image, driven_audio=driven_audio, settings=s)
     job = prepare(key=key, settings=s, source_image=source_image, driven_audio=driven_audio)
     p = plan(jobs=[job], shards=shards, settings=s)
@@ -281,12 +283,13 @@ def talking_heads(
     threads: int = THREADS,
     old_version: bool = False,
     facerender: str = "facevid2vid",
+    enhance_scale: int = 2,
 ) -> list[FlyteFile]:
     """Pairs (source_images[i], driven_audios[i]) -> one mp4 each; all shards of all videos in one map."""
     s = settings(checkpoint_dir=checkpoint_dir, size=size, preprocess=preprocess, still=still, pose_style=pose_style,
                  expression_scale=expression_scale, precision=precision, batch_size=batch_size, enhancer=enhancer,
                  enhance_align=enhance_align, blend=blend, landmarks=landmarks, seed=seed, threads=threads,
-                 old_version=old_version, facerender=facerender)
+                 old_version=old_version, facerender=facerender, enhance_scale=enhance_scale)
     pairs = pair(source_images=source_images, driven_audios=driven_audios, settings=s)
     keys = map_task(fingerprint)(source_image=pairs.source_image, driven_audio=pairs.driven_audio,
                                  settings=pairs.settings)
