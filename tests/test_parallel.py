@@ -79,11 +79,16 @@ def same_video(a: Path, b: Path) -> None:
     assert mse == 0 or 10 * np.log10(255**2 / mse) > 40
 
 
-def render_job(args: list[str], job: Path, shards: int, threads: int) -> np.ndarray:
-    """Prepare (once per job) and render every shard as the workers do, in separate processes."""
+def render_job(args: list[str], job: Path, shards: int, threads: int, prepared: Path | None = None) -> np.ndarray:
+    """Prepare (or copy the `prepared` job folder: the same inputs) and render every shard as the workers do, in
+    separate processes."""
     base = [sys.executable, "-m", "xtalker.cli", *args, "--job", str(job)]
-    for extra in (["--stage", "prepare"], *(["--stage", "render", "--shard", str(i), "--shards", str(shards),
-                                             "--threads", str(threads)] for i in range(shards))):
+    if prepared is not None:
+        shutil.copytree(prepared, job, ignore=shutil.ignore_patterns("shard_*"))
+    stages = [] if prepared is not None else [["--stage", "prepare"]]
+    stages += [["--stage", "render", "--shard", str(i), "--shards", str(shards), "--threads", str(threads)]
+               for i in range(shards)]
+    for extra in stages:
         proc = subprocess.run([*base, *extra], capture_output=True, text=True, check=False)
         assert proc.returncode == 0, proc.stderr
     return np.concatenate([np.load(Job(job).shard_path(i)) for i in range(shards)])
@@ -92,9 +97,9 @@ def render_job(args: list[str], job: Path, shards: int, threads: int) -> np.ndar
 def test_shards_render_exactly_what_one_process_renders(synthetic_checkpoints, tmp_path):
     args = flags(synthetic_checkpoints, write_clip(tmp_path, 2), tmp_path / "unused.mp4")
     whole = render_job(args, tmp_path / "one", 1, threads=1)
-    split = render_job(args, tmp_path / "two", 2, threads=1)
+    split = render_job(args, tmp_path / "two", 2, threads=1, prepared=tmp_path / "one")
     assert whole.shape == (2, 256, 256, 3) and np.array_equal(whole, split)
-    two_threads = render_job(args, tmp_path / "threads", 1, threads=2)
+    two_threads = render_job(args, tmp_path / "threads", 1, threads=2, prepared=tmp_path / "one")
     diff = np.abs(two_threads.astype(int) - whole)
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 

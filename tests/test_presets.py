@@ -25,6 +25,8 @@ def test_shipped_presets_parse_and_use_known_settings():
     assert presets["pirender"].settings == {"facerender": "pirender", "precision": "bf16", "batch_size": 2}
     assert config_for("--preset", "pirender", "--facerender", "facevid2vid").facerender == "facevid2vid"
     assert config_for("--preset", "quality").facerender == "facevid2vid"  # never chosen by which files exist
+    assert config_for("--optimization_preset", "balanced").precision == "bf16"  # the presets fork's flag
+    assert config_for("--preset", "ultra_fast", "--enhancer", "none").enhancer is None
     assert presets["fast"].settings["precision"] == presets["ultra_fast"].settings["precision"] == "int8"
     assert presets["quality"].settings["precision"] == "fp32"
     assert presets["balanced"].settings["precision"] == "bf16"

@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--input_pitch", nargs="+", type=float, default=None, help="pitch keyframes in degrees")
     up.add_argument("--input_roll", nargs="+", type=float, default=None, help="roll keyframes in degrees")
     up.add_argument("--enhancer", type=str, default=None,
-                    help="face enhancer: gfpgan (GFPGAN v1.4, output twice the size, needs GFPGANv1.4.pth) or lightweight "
-                         "(unsharp mask, no weights)")
+                    help="face enhancer: gfpgan (GFPGAN v1.4, output twice the size, needs GFPGANv1.4.pth), lightweight "
+                         "(unsharp mask, no weights), or none (also overrides a preset's enhancer)")
     up.add_argument("--background_enhancer", type=str, default=None, help="background enhancer (realesrgan): not available yet")
     up.add_argument("--cpu", action="store_true", help="run on the CPU (the same as --device cpu)")
     up.add_argument("--face3dvis", action="store_true", help="not available")
@@ -108,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--cache_dir", type=Path, default=None,
                       help="where compiled int8 graphs are kept (default: $XTALKER_CACHE_DIR or ~/.cache/xtalker/compiled)")
     ours.add_argument("--backend", choices=("native", "ipex"), default="native", help="native PyTorch/oneDNN, or Intel Extension for PyTorch when importable")
-    ours.add_argument("--preset", default=None, help="named settings from configs/presets.yaml; explicit flags win")
+    ours.add_argument("--preset", "--optimization_preset", default=None,
+                      help="named settings from configs/presets.yaml (--optimization_preset: the presets fork's name for "
+                           "it); explicit flags win")
     ours.add_argument("--list_presets", action="store_true", help="show the presets and exit")
     par = p.add_argument_group("parallel rendering (see also generate_distributed_infer.py)")
     par.add_argument("--workers", type=int, default=None,
@@ -146,6 +148,8 @@ def resolve_presettable(args: argparse.Namespace) -> dict[str, object]:
     }
     if chosen["workers"] == AUTO:
         chosen["workers"] = auto_workers(len(available_cpus()))
+    if str(chosen["enhancer"]).lower() == "none":  # --enhancer none: no enhancer, whatever the preset says
+        chosen["enhancer"] = None
     return chosen
 
 
@@ -199,13 +203,19 @@ def ipex_unavailable() -> str | None:
     return None
 
 
-def preset_note(message: str, args: argparse.Namespace, config: InferenceConfig) -> str:
-    """A missing renderer file asked for by a preset: say so, and how to keep the rest of the preset."""
+def preset_note(error: Exception, args: argparse.Namespace, config: InferenceConfig) -> str:
+    """A missing file that a preset asked for (its renderer's, its enhancer's): say so, and how to keep the rest of
+    the preset."""
+    from xtalker.finish.enhance import EnhancerWeightsMissing
     from xtalker.models.pirender import FILE_NAME
 
+    message = str(error)
     if args.preset and args.facerender is None and config.facerender == "pirender" and FILE_NAME in message:
         return (f"{message}; preset {args.preset} renders with --facerender pirender: add --facerender facevid2vid to "
                 "use its other settings without that file")
+    if args.preset and args.enhancer is None and isinstance(error, EnhancerWeightsMissing):
+        return (f"{message}; preset {args.preset} uses --enhancer {config.enhancer}: add --enhancer none to use its "
+                "other settings without it")
     return message
 
 
@@ -308,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, message in NOT_AVAILABLE.items():
         if getattr(args, name):
             return _fail(message, 2)
-    if args.enhancer is not None:
+    if args.enhancer is not None and args.enhancer.lower() != "none":
         from xtalker.finish import check_enhancer
 
         try:
@@ -339,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt():
             result = _run(config, args, argv)
     except USER_ERRORS as e:
-        return _fail(preset_note(str(e), args, config))
+        return _fail(preset_note(e, args, config))
     except Terminated:
         return _fail("terminated (SIGTERM); no output was written; finished shards of a job are kept", TERMINATED_EXIT)
     except KeyboardInterrupt:
