@@ -71,7 +71,8 @@ class Page:
     @staticmethod
     def _options(source_image: str | None, driven_audio: str | None, preset: str, size: int, preprocess: str,
                  still: bool, pose_style: int, expression_scale: float, enhancer: str, blend: str,
-                 seed: float | None, batch_size: float | None, facerender: str | None = DEFAULT) -> dict[str, Any]:
+                 seed: float | None, batch_size: float | None, facerender: str | None = DEFAULT,
+                 enhance_scale: int | None = 2) -> dict[str, Any]:
         """The page's fields as XTalker options; bad input raises a `ValueError` subclass with the message to show."""
         from xtalker.config import ConfigError
 
@@ -91,6 +92,8 @@ class Page:
             options["batch_size"] = int(batch_size)
         if facerender and facerender != DEFAULT:
             options["facerender"] = facerender
+        if enhance_scale is not None:
+            options["enhance_scale"] = int(enhance_scale)
         options["preset"] = None if preset in (NO_PRESET, "", None) else preset
         return options
 
@@ -110,12 +113,12 @@ class Page:
     def generate(self, source_image: str | None, driven_audio: str | None, preset: str, size: int, preprocess: str,
                  still: bool, pose_style: int, expression_scale: float, enhancer: str, blend: str,
                  seed: float | None = -1, batch_size: float | None = 0, facerender: str | None = DEFAULT,
-                 session: str = "", progress=None
+                 enhance_scale: int | None = 2, session: str = "", progress=None
                  ) -> tuple[str, int, str]:
         """The page's Generate: (video path, seed used, timings). Raises `ValueError` subclasses with the message
         to show for bad input."""
         options = self._options(source_image, driven_audio, preset, size, preprocess, still, pose_style,
-                                expression_scale, enhancer, blend, seed, batch_size, facerender)
+                                expression_scale, enhancer, blend, seed, batch_size, facerender, enhance_scale)
         output = self.output_dir / f"xtalker-{uuid.uuid4().hex[:12]}.mp4"
         video = self.xt.generate(source_image, driven_audio, output, progress=self._watch(session, progress), **options)
         return str(video.output), video.seed, timings_markdown(video)
@@ -123,7 +126,7 @@ class Page:
     def stream(self, source_image: str | None, driven_audio: str | None, preset: str, size: int, preprocess: str,
                still: bool, pose_style: int, expression_scale: float, enhancer: str, blend: str,
                seed: float | None = -1, batch_size: float | None = 0, facerender: str | None = DEFAULT,
-               session: str = "", progress=None
+               enhance_scale: int | None = 2, session: str = "", progress=None
                ) -> Iterator[tuple[str, int, str]]:
         """The page's Stream: one-second mp4 segments as soon as they are rendered, each as (segment path, seed,
         status line); the speech is fed to the renderer as a live source would deliver it."""
@@ -131,7 +134,7 @@ class Page:
         from xtalker.stream import file_chunks, segments
 
         options = self._options(source_image, driven_audio, preset, size, preprocess, still, pose_style,
-                                expression_scale, enhancer, blend, seed, batch_size, facerender)
+                                expression_scale, enhancer, blend, seed, batch_size, facerender, enhance_scale)
         wav = load_audio(driven_audio)
         total = len(wav) // 640
         live = self.xt.stream(source_image, file_chunks(wav), **options)
@@ -181,21 +184,25 @@ def build(xt, output_dir: Path, max_queue: int = 8):
                            print_exception=False) from None
 
     def generate(source_image, driven_audio, preset, size, preprocess, still, pose_style, expression_scale,
-                 enhancer, blend, seed, batch_size, facerender, request: gr.Request, progress=gr.Progress()):
+                 enhancer, blend, seed, batch_size, facerender, enhance_scale, request: gr.Request,
+                 progress=gr.Progress()):
         session = getattr(request, "session_hash", None) or ""
         with shown_as_messages():
             return page.generate(source_image, driven_audio, preset, size, preprocess, still, pose_style,
-                                 expression_scale, enhancer, blend, seed, batch_size, facerender, session, progress)
+                                 expression_scale, enhancer, blend, seed, batch_size, facerender, enhance_scale,
+                                 session, progress)
 
     def stream(source_image, driven_audio, preset, size, preprocess, still, pose_style, expression_scale,
-               enhancer, blend, seed, batch_size, facerender, request: gr.Request, progress=gr.Progress()):
+               enhancer, blend, seed, batch_size, facerender, enhance_scale, request: gr.Request,
+               progress=gr.Progress()):
         session = getattr(request, "session_hash", None) or ""
         with shown_as_messages():
             if missing := [tool for tool in ("ffmpeg", "ffprobe") if shutil.which(tool) is None]:
                 raise ConfigError(f"Stream needs {' and '.join(missing)} on the server's PATH (Gradio's streaming video "
                                   "runs them): install FFmpeg (apt-get install ffmpeg), or use Generate")
             yield from page.stream(source_image, driven_audio, preset, size, preprocess, still, pose_style,
-                                   expression_scale, enhancer, blend, seed, batch_size, facerender, session, progress)
+                                   expression_scale, enhancer, blend, seed, batch_size, facerender, enhance_scale,
+                                 session, progress)
 
     def cancel(request: gr.Request):
         page.cancel(getattr(request, "session_hash", None) or "")
@@ -220,6 +227,8 @@ def build(xt, output_dir: Path, max_queue: int = 8):
                     still = gr.Checkbox(value=False, label="still (keep the source pose)")
                     enhancer = gr.Dropdown(["none", *ENHANCERS], value="none", label="enhancer")
                     blend = gr.Dropdown([DEFAULT, *BLENDS], value=DEFAULT, label="blend (full modes)")
+                    enhance_scale = gr.Radio([2, 1], value=2, label="enhancer output (x the rendered size)",
+                                             elem_id="enhance_scale")
                 pose_style = gr.Slider(0, NUM_POSE_STYLES - 1, value=0, step=1, label="pose style")
                 expression_scale = gr.Slider(0.0, 3.0, value=1.0, step=0.1, label="expression scale")
                 with gr.Row():
@@ -239,7 +248,7 @@ def build(xt, output_dir: Path, max_queue: int = 8):
                 timings = gr.Markdown(elem_id="timings")
         gr.Examples(_examples(), inputs=[source_image, driven_audio], label="example (click to load)")
         fields = [source_image, driven_audio, preset, size, preprocess, still, pose_style, expression_scale, enhancer,
-                  blend, seed, batch_size, facerender]
+                  blend, seed, batch_size, facerender, enhance_scale]
         event = run.click(generate, fields, [video, used_seed, timings], api_name="generate", concurrency_limit=1,
                           concurrency_id="render")
         streamed = live_run.click(stream, fields, [live, used_seed, timings], api_name="stream",
