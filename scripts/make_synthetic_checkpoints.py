@@ -15,6 +15,9 @@ With --legacy it also writes the legacy per-network files of --old_version (auid
 auido2pose_00140-model.pth, facevid2vid_00189-model.pth.tar, epoch_20.pth; rule sadtalker-synth-v1-legacy: the
 packed 256 file's tensors re-keyed, plus the unused head-pose estimator; 0.85 GB, about 20 s, digests always
 checked). Beside the safetensors files they are used with --old_version only.
+With --restorers it also writes the optional restorers' files RestoreFormer.pth and RealESRGAN_x2plus.pth
+(`--enhancer RestoreFormer`, `--background_enhancer realesrgan`; rule sadtalker-synth-v1-restorers, 358 MB, about
+5 s; byte-identical to the reference writer's).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 from xtalker.synthetic.auxiliary import write_all_aux
 from xtalker.synthetic.legacy import write_legacy
 from xtalker.synthetic.pirender import write_all_pirender
+from xtalker.synthetic.restorers import write_all_restorers
 from xtalker.synthetic.sadtalker import write_all
 
 
@@ -36,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aux", action="store_true", help="also write the four aux files (enhancer, upstream landmarks)")
     parser.add_argument("--pirender", action="store_true", help="also write the PIRender renderer's file")
     parser.add_argument("--legacy", action="store_true", help="also write the legacy per-network files (--old_version)")
+    parser.add_argument("--restorers", action="store_true",
+                        help="also write the optional restorers' files (RestoreFormer, RealESRGAN x2plus)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
@@ -46,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
             results.update(write_all_pirender(args.out_dir, verify=args.verify))
         if args.legacy:
             results.update(write_legacy(args.out_dir, verify=True))
+        if args.restorers:
+            results.update(write_all_restorers(args.out_dir, verify=args.verify))
     except OSError as e:
         sys.stderr.write(f"error: cannot write to {args.out_dir}: {e.strerror or e}\n")
         return 1

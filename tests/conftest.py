@@ -56,6 +56,15 @@ def aux_checkpoints() -> Path:
 
 
 @pytest.fixture(scope="session")
+def restorer_checkpoints(aux_checkpoints) -> Path:
+    """The synthetic aux folder with the optional restorers' files added (RestoreFormer.pth, RealESRGAN_x2plus.pth;
+    rule sadtalker-synth-v1-restorers, verified by digest; written on first use, ~5 s, 358 MB)."""
+    from xtalker.synthetic import ensure_restorers
+
+    return ensure_restorers(aux_checkpoints)
+
+
+@pytest.fixture(scope="session")
 def enhancer_checkpoints(synthetic_checkpoints, aux_checkpoints, tmp_path_factory) -> Path:
     """The synthetic SadTalker files plus the enhancer's (GFPGAN, detector, ParseNet) in one checkpoint folder,
     without the landmark net, so `--landmarks auto` keeps the offline backend (synthetic upstream landmarks are random)."""

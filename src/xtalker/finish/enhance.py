@@ -211,11 +211,13 @@ def enhance_detected(
     restore: Callable[[np.ndarray], np.ndarray],
     parse: Callable[[np.ndarray], np.ndarray],
     scale: int = UPSCALE,
+    background: Callable[[np.ndarray, tuple[int, int]], np.ndarray] | None = None,
 ) -> np.ndarray:
-    """Upstream's per-frame enhance: align each face, restore, parse, paste in order on the Lanczos upscale."""
+    """Upstream's per-frame enhance: align each face, restore, parse, paste in order on the Lanczos upscale, or on
+    `background(frame_bgr, size_wh)` (GFPGANer's background upsampler, `finish.background`) when given."""
     h, w = frame_bgr.shape[:2]
     size_wh = (w * scale, h * scale)
-    canvas = upscale_background(frame_bgr, size_wh)
+    canvas = (background or upscale_background)(frame_bgr, size_wh)
     if len(faces.landmarks5) == 0:
         return canvas
     affines = [align_affine(lm5) for lm5 in faces.landmarks5]

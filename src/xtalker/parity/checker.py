@@ -34,6 +34,7 @@ RUNNER_MODULES = (
     "xtalker.parity.cases_parsenet",
     "xtalker.parity.cases_awing",
     "xtalker.parity.cases_pirender",
+    "xtalker.parity.cases_restorers",
 )
 
 

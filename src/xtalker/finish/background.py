@@ -1,0 +1,77 @@
+"""The optional restorers in the finish stage: RealESRGAN x2plus as GFPGANer's background upsampler, and
+RestoreFormer as the face restorer (`--enhancer RestoreFormer`).
+
+- `BackgroundUpsampler`: upstream's `bg_upsampler.enhance(img, outscale=2)[0]` (RealESRGANer, tile 400, tile_pad 10,
+  pre_pad 0) on the whole BGR frame, then the paste canvas at the output size (LANCZOS4, which at equal size is an
+  exact copy). Pass it as `background` to `finish.enhance.enhance_detected`: faces are pasted on it instead of on
+  the Lanczos upscale; a frame without faces comes out as the RealESRGAN image. Upstream (SadTalker) only builds
+  the upsampler when CUDA is available (on CPU `--background_enhancer realesrgan` does nothing); whether to follow
+  that is the caller's decision.
+- `RestoreFormerRestorer`: same call as `finish.enhance.Restorer` (aligned BGR crops and (frame, face) keys ->
+  restored crops), RestoreFormer through its fast plan. It draws no noise, so the keys do not matter.
+
+Precision: "fp32" matches the golden cases; any other value runs RestoreFormer's decoder and the RRDBNet in bf16
+(RestoreFormer's encoder and codebook lookup stay fp32; see `models.restoreformer`, `models.rrdbnet`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from xtalker.models.rrdbnet import SADTALKER_PRE_PAD, SADTALKER_TILE, SADTALKER_TILE_PAD, RealESRGANer, RRDBNet
+from xtalker.warm import network_key, shared
+
+
+def _net_precision(precision: str) -> str:
+    return "fp32" if precision == "fp32" else "bf16"
+
+
+class BackgroundUpsampler:
+    """`(frame_bgr_u8, (out_w, out_h)) -> canvas` for `enhance_detected(background=...)` (see the module docstring)."""
+
+    def __init__(self, path: Path | None = None, precision: str = "fp32", device: str = "cpu",
+                 tile: int = SADTALKER_TILE, tile_pad: int = SADTALKER_TILE_PAD, pre_pad: int = SADTALKER_PRE_PAD,
+                 net: RRDBNet | None = None):
+        from xtalker.models.rrdbnet import load_rrdbnet
+
+        if net is None:
+            if path is None:
+                raise ValueError("BackgroundUpsampler needs the RealESRGAN_x2plus.pth path or a loaded network")
+            net = shared("realesrgan_x2plus", network_key(path, device),
+                         lambda: load_rrdbnet(path).to(torch.device(device)))
+        self.upsampler = RealESRGANer(net, tile, tile_pad, pre_pad, _net_precision(precision))
+
+    def upsample(self, frame_bgr: np.ndarray) -> np.ndarray:
+        """RealESRGANer.enhance(frame, outscale=scale): (2H, 2W, 3) BGR uint8."""
+        return self.upsampler.enhance(frame_bgr).image
+
+    def __call__(self, frame_bgr: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+        return paste_canvas(self.upsample(frame_bgr), size_wh)
+
+
+def paste_canvas(upsampled: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+    """The upsampled frame at the paste size: upstream resizes it with LANCZOS4, an exact copy at equal size."""
+    if (upsampled.shape[1], upsampled.shape[0]) == tuple(size_wh):
+        return upsampled
+    return cv2.resize(upsampled, tuple(size_wh), interpolation=cv2.INTER_LANCZOS4)
+
+
+class RestoreFormerRestorer:
+    """RestoreFormer on aligned 512 BGR crops, a drop-in for `finish.enhance.Restorer`."""
+
+    def __init__(self, path: Path, precision: str = "fp32", device: str = "cpu"):
+        from xtalker.models.restoreformer import load_restoreformer
+
+        self.device = torch.device(device)
+        self.net = shared("restoreformer", network_key(path, device), lambda: load_restoreformer(path).to(self.device))
+        self.precision = _net_precision(precision)
+
+    def __call__(self, crops: np.ndarray, keys: Sequence[tuple[int, int]] = ()) -> np.ndarray:
+        from xtalker.models.restoreformer import restore_bgr_u8
+
+        return restore_bgr_u8(self.net, crops, self.precision)
