@@ -148,26 +148,33 @@ class _Recorded:
         return y
 
 
-def run_gfpganer_enhance(case: Case, ctx: Context) -> list[Check]:
-    from xtalker.finish.enhance import DetectedFaces, enhance_detected
-    from xtalker.finish.restore import FACE_SIZE
-    from xtalker.models.parsenet import load_parsenet, parse_classes
+def case_faces(case: Case, frame_bgr: np.ndarray, detector_path: Path):
+    """The restore helper's faces in a GFPGANer case's frame, and the detector check where the case has one: the
+    detector's raw outputs are fed when the case holds them (random weights never reach the 0.97 threshold)."""
+    from xtalker.finish.enhance import DetectedFaces
     from xtalker.preprocess import FaceDetector, restore_helper_faces
     from xtalker.preprocess.face_detect import postprocess
 
-    frame = np.ascontiguousarray(case.array("input.frame_rgb_u8")[..., ::-1])
-    h, w = frame.shape[:2]
+    hw = frame_bgr.shape[:2]
     checks = []
-    if case.has("input.det_loc"):  # the detector network's output is fed (random weights never reach 0.97)
-        dets = postprocess(case.array("input.det_loc"), case.array("input.det_conf"), case.array("input.det_landms"),
-                           (h, w))
+    if case.has("input.det_loc"):
+        dets = postprocess(case.array("input.det_loc"), case.array("input.det_conf"), case.array("input.det_landms"), hw)
     else:
-        detector = FaceDetector.from_file(aux_file(ctx, RETINAFACE_FILE))
-        head = detector.head_outputs([frame])[0]
+        head = FaceDetector.from_file(detector_path).head_outputs([frame_bgr])[0]
         if case.has("out.det_conf"):
             checks.append(max_abs("det_conf", head.conf, case.array("out.det_conf").reshape(head.conf.shape), 1e-5))
-        dets = postprocess(*head, (h, w))
-    faces = DetectedFaces(*restore_helper_faces(dets))
+        dets = postprocess(*head, hw)
+    return DetectedFaces(*restore_helper_faces(dets)), checks
+
+
+def run_gfpganer_enhance(case: Case, ctx: Context) -> list[Check]:
+    from xtalker.finish.enhance import enhance_detected
+    from xtalker.finish.restore import FACE_SIZE
+    from xtalker.models.parsenet import load_parsenet, parse_classes
+
+    frame = np.ascontiguousarray(case.array("input.frame_rgb_u8")[..., ::-1])
+    h, w = frame.shape[:2]
+    faces, checks = case_faces(case, frame, aux_file(ctx, RETINAFACE_FILE))
     net = _gfpgan(str(aux_file(ctx, GFPGAN_FILE)))
     parsenet = load_parsenet(aux_file(ctx, PARSENET_FILE))
 

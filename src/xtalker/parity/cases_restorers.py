@@ -23,7 +23,7 @@ from xtalker.models.restoreformer import FILE_NAME as RESTOREFORMER_FILE
 from xtalker.models.restoreformer import RestoreFormer, fast_plan, load_restoreformer, restore_bgr_u8
 from xtalker.models.rrdbnet import FILE_NAME as REALESRGAN_FILE
 from xtalker.models.rrdbnet import RealESRGANer, RRDBNet, load_rrdbnet
-from xtalker.parity.cases_aux import _Recorded, aux_file
+from xtalker.parity.cases_aux import _Recorded, aux_file, case_faces
 from xtalker.parity.core import Case, Check, Context, exact, levels, max_abs, mean_abs
 from xtalker.synthetic import default_aux_dir
 from xtalker.synthetic.restorers import FILES as RESTORER_FILES
@@ -163,11 +163,9 @@ def run_realesrganer_tile(case: Case, ctx: Context) -> list[Check]:
 
 
 def run_gfpganer_bg(case: Case, ctx: Context) -> list[Check]:
-    from xtalker.finish.enhance import PARSENET_FILE, RETINAFACE_FILE, DetectedFaces, enhance_detected
+    from xtalker.finish.enhance import PARSENET_FILE, RETINAFACE_FILE, enhance_detected
     from xtalker.finish.restore import FACE_SIZE, align_affine, inverse_affine, warp_face
     from xtalker.models.parsenet import load_parsenet, parse_classes
-    from xtalker.preprocess import FaceDetector, restore_helper_faces
-    from xtalker.preprocess.face_detect import postprocess
 
     meta = case.meta
     arch = str(meta.get("arch", "RestoreFormer"))
@@ -177,17 +175,7 @@ def run_gfpganer_bg(case: Case, ctx: Context) -> list[Check]:
     upscale = int(meta.get("upscale", 2))
     frame = np.ascontiguousarray(case.array("input.frame_rgb_u8")[..., ::-1])
     h, w = frame.shape[:2]
-    checks = []
-    if case.has("input.det_loc"):  # the detector network's output is fed (random weights never reach 0.97)
-        dets = postprocess(case.array("input.det_loc"), case.array("input.det_conf"), case.array("input.det_landms"),
-                           (h, w))
-    else:
-        detector = FaceDetector.from_file(restorer_file(ctx, RETINAFACE_FILE))
-        head = detector.head_outputs([frame])[0]
-        if case.has("out.det_conf"):
-            checks.append(max_abs("det_conf", head.conf, case.array("out.det_conf").reshape(head.conf.shape), 1e-5))
-        dets = postprocess(*head, (h, w))
-    faces = DetectedFaces(*restore_helper_faces(dets))
+    faces, checks = case_faces(case, frame, restorer_file(ctx, RETINAFACE_FILE))
     net = _restoreformer(str(restorer_file(ctx, RESTOREFORMER_FILE)))
     parsenet = load_parsenet(restorer_file(ctx, PARSENET_FILE))
     tile, tile_pad, pre_pad, outscale = _upsampler_settings(meta)

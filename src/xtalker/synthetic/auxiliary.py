@@ -141,18 +141,24 @@ def write_aux(path: str | Path, file_name: str) -> str:
     return digest
 
 
-def ensure_aux(folder: str | Path, file_name: str) -> Path:
-    """`folder/file_name`: the file if present, else a verified synthetic one written there (with a marker)."""
+def ensure_verified(folder: str | Path, file_name: str, write, expected: str, rule: str) -> Path:
+    """`folder/file_name`: the file if present, else one written by `write(path, file_name) -> digest`, checked
+    against `expected` (rule `rule`) and marked with a `.NAME.digest` file."""
     folder = Path(folder)
     target = folder / file_name
     if target.is_file():
         return target
-    digest = write_aux(target, file_name)
-    if digest != aux_layout()[file_name]["digest"]:
+    digest = write(target, file_name)
+    if digest != expected:
         target.unlink()
-        raise RuntimeError(f"synthetic {file_name} does not match the {RULE} digest")
+        raise RuntimeError(f"synthetic {file_name} does not match the {rule} digest")
     (folder / f".{file_name}.digest").write_text(digest)
     return target
+
+
+def ensure_aux(folder: str | Path, file_name: str) -> Path:
+    """`folder/file_name`: the file if present, else a verified synthetic one written there (with a marker)."""
+    return ensure_verified(folder, file_name, write_aux, aux_layout()[file_name]["digest"], RULE)
 
 
 def write_all_aux(folder: str | Path) -> dict[str, bool]:

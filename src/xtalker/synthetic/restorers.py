@@ -108,16 +108,9 @@ def read_back_digest(path: str | Path, file_name: str) -> str:
 
 def ensure_restorer(folder: str | Path, file_name: str) -> Path:
     """`folder/file_name`: the file if present, else a verified synthetic one written there (with a marker)."""
-    folder = Path(folder)
-    target = folder / file_name
-    if target.is_file():
-        return target
-    digest = write_restorer(target, file_name)
-    if digest != restorers_layout()[file_name]["digest"]:
-        target.unlink()
-        raise RuntimeError(f"synthetic {file_name} does not match the {RULE} digest")
-    (folder / f".{file_name}.digest").write_text(digest)
-    return target
+    from xtalker.synthetic.auxiliary import ensure_verified
+
+    return ensure_verified(folder, file_name, write_restorer, restorers_layout()[file_name]["digest"], RULE)
 
 
 def ensure_restorers(folder: str | Path | None = None) -> Path:
