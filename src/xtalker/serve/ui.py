@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 import threading
 import uuid
 from pathlib import Path
@@ -169,7 +170,10 @@ def build(xt, output_dir: Path, max_queue: int = 8):
 
     @contextlib.contextmanager
     def shown_as_messages():
-        """Errors as one message on the page and one log line, never a traceback."""
+        """Errors as one message on the page and one log line, never a traceback; the log also gets a line when a
+        render starts and ends, so the operator (and the tests) see that renders never overlap."""
+        log.info("render started")
+        started = time.monotonic()
         try:
             yield
         except Cancelled:
@@ -182,6 +186,8 @@ def build(xt, output_dir: Path, max_queue: int = 8):
             log.exception("generate failed")
             raise gr.Error(f"internal error ({type(e).__name__}: {e}); see the server's log",
                            print_exception=False) from None
+        finally:
+            log.info("render ended after %.1f s", time.monotonic() - started)
 
     def generate(source_image, driven_audio, preset, size, preprocess, still, pose_style, expression_scale,
                  enhancer, blend, seed, batch_size, facerender, enhance_scale, request: gr.Request,
@@ -280,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     from xtalker import logs
 
     logs.configure(args.verbose)
+    if not args.verbose:  # one line per render in the server's log
+        log.setLevel(logging.INFO)
     try:
         import gradio  # noqa: F401
     except ModuleNotFoundError:
