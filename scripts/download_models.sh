@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Fetch the official SadTalker checkpoints (and the face-detector / enhancer weights) into a folder.
+# Fetch the official SadTalker checkpoints (and the face-detector / enhancer weights) into a folder: the
+# enhancers' files are GFPGANv1.4.pth, RestoreFormer.pth (--enhancer RestoreFormer, GFPGAN's v1.3.4 release) and
+# RealESRGAN_x2plus.pth (--background_enhancer realesrgan, Real-ESRGAN's v0.2.1 release), 0.7 GB together.
 #
 #   bash scripts/download_models.sh [--legacy] [--pirender] [DIR]   # default DIR: checkpoints/ next to this repo
 #
@@ -23,7 +25,7 @@ for arg in "$@"; do
   case "$arg" in
     --legacy) legacy=1 ;;
     --pirender) pirender=1 ;;
-    -h|--help) sed -n '2,15p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}"; exit 0 ;;
     -*) echo "error: unknown option $arg (known: --legacy, --pirender)" >&2; exit 2 ;;
     *) dest="$arg" ;;
   esac
@@ -34,6 +36,7 @@ mkdir -p "$dest"
 sadtalker="https://github.com/OpenTalker/SadTalker/releases/download/v0.0.2-rc"
 facexlib="https://github.com/xinntao/facexlib/releases/download"
 gfpgan="https://github.com/TencentARC/GFPGAN/releases/download"
+realesrgan="https://github.com/xinntao/Real-ESRGAN/releases/download"
 legacy_release="https://github.com/Winfredy/SadTalker/releases/download/v0.0.2"  # upstream's legacy links
 
 files=(
@@ -45,6 +48,8 @@ files=(
   "$facexlib/v0.1.0/alignment_WFLW_4HG.pth"
   "$facexlib/v0.2.2/parsing_parsenet.pth"
   "$gfpgan/v1.3.0/GFPGANv1.4.pth"
+  "$gfpgan/v1.3.4/RestoreFormer.pth"
+  "$realesrgan/v0.2.1/RealESRGAN_x2plus.pth"
 )
 if [ "$legacy" = 1 ]; then
   files+=(

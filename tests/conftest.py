@@ -65,11 +65,11 @@ def restorer_checkpoints(aux_checkpoints) -> Path:
 
 
 @pytest.fixture(scope="session")
-def enhancer_checkpoints(synthetic_checkpoints, aux_checkpoints, tmp_path_factory) -> Path:
-    """The synthetic SadTalker files plus the enhancer's (GFPGAN, detector, ParseNet) in one checkpoint folder,
+def enhancer_checkpoints(synthetic_checkpoints, restorer_checkpoints, tmp_path_factory) -> Path:
+    """The synthetic SadTalker files plus the enhancers' (GFPGAN, RestoreFormer, RealESRGAN, detector, ParseNet) in one folder,
     without the landmark net, so `--landmarks auto` keeps the offline backend (synthetic upstream landmarks are random)."""
     folder = tmp_path_factory.mktemp("enhancer_checkpoints")
-    for source in (synthetic_checkpoints, aux_checkpoints):
+    for source in (synthetic_checkpoints, restorer_checkpoints):
         for path in source.iterdir():
             if path.is_file() and not path.name.startswith(".") and path.name != "alignment_WFLW_4HG.pth":
                 (folder / path.name).symlink_to(path)

@@ -71,7 +71,7 @@ def test_jsonl_list_with_command_line_defaults(inputs, synthetic_checkpoints, tm
                        + json.dumps({"source": "face.png", "audio": "one.wav", "output": str(tmp_path / "y.mp4"),
                                      "seed": 9, "expression_scale": 0.0}) + "\n")
     result = batch(str(listing), "--checkpoint_dir", str(synthetic_checkpoints), "--preset", "balanced",
-                   "--pose_style", "2", cwd=tmp_path)
+                   "--enhancer", "none", "--pose_style", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "done 2 of 2 videos, 0 failed" in result.stderr
     x, y = (np.stack(list(iter_video_frames(tmp_path / n)[1])) for n in ("x.mp4", "y.mp4"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from xtalker.finish import Finisher, FinishSettings, PasteTarget, check_enhancer, check_weights
+from xtalker.finish import Finisher, FinishSettings, PasteTarget, check_background, check_enhancer, check_weights
 from xtalker.finish.enhance import (
     EnhancerWeightsMissing,
     Restorer,
@@ -33,10 +33,14 @@ def test_enhancer_names():
     assert make_enhancer(None) is None
     assert isinstance(make_enhancer("Lightweight"), Sharpener)
     assert check_enhancer("GFPGAN") == "gfpgan"
-    with pytest.raises(ValueError, match="RestoreFormer is not available in this build; use --enhancer lightweight or gfpgan"):
-        check_enhancer("RestoreFormer")
-    with pytest.raises(ValueError, match="must be one of lightweight, gfpgan"):
+    assert check_enhancer("RestoreFormer") == "restoreformer"
+    with pytest.raises(ValueError, match="must be one of gfpgan, RestoreFormer, lightweight or none, got 'codeformer'"):
         check_enhancer("codeformer")
+    assert check_background(None, None) is None and check_background("RealESRGAN", "RestoreFormer") == "realesrgan"
+    with pytest.raises(ValueError, match="add --enhancer gfpgan or --enhancer RestoreFormer"):
+        check_background("realesrgan", "lightweight")
+    with pytest.raises(ValueError, match="must be realesrgan, got 'esrgan'"):
+        check_background("esrgan", "gfpgan")
 
 
 def test_missing_weights_name_the_file_the_folders_and_the_download_script(tmp_path, monkeypatch):
@@ -57,6 +61,12 @@ def test_missing_weights_name_the_file_the_folders_and_the_download_script(tmp_p
     for name in ("detection_Resnet50_Final.pth", "parsing_parsenet.pth"):
         (tmp_path / "gfpgan" / "weights" / name).write_bytes(b"x")
     assert len(check_weights("gfpgan", "detect", tmp_path / "ckpt")) == 3
+    with pytest.raises(EnhancerWeightsMissing, match=r"^--enhancer RestoreFormer needs RestoreFormer\.pth"):
+        check_weights("RestoreFormer", "source", tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "RestoreFormer.pth").write_bytes(b"x")
+    with pytest.raises(EnhancerWeightsMissing, match=r"^--background_enhancer realesrgan needs RealESRGAN_x2plus\.pth"):
+        check_weights("RestoreFormer", "detect", tmp_path / "ckpt", "realesrgan")
+    assert set(check_weights("RestoreFormer", "source", tmp_path / "ckpt")) == {"RestoreFormer.pth"}
 
 
 def test_noise_seeds_differ_per_frame_and_face_and_are_stable():

@@ -27,6 +27,17 @@ def test_shipped_presets_parse_and_use_known_settings():
     assert config_for("--preset", "quality").facerender == "facevid2vid"  # never chosen by which files exist
     assert config_for("--optimization_preset", "balanced").precision == "bf16"  # the presets fork's flag
     assert config_for("--preset", "ultra_fast", "--enhancer", "none").enhancer is None
+    # The presets fork's enhancers: ultra_fast lightweight, fast GFPGAN without background upsampling, balanced
+    # GFPGAN, quality RestoreFormer with the RealESRGAN background.
+    chosen = {name: (config_for("--preset", name).enhancer, config_for("--preset", name).background_enhancer)
+              for name in presets}
+    assert chosen == {"quality": ("RestoreFormer", "realesrgan"), "balanced": ("gfpgan", None), "fast": ("gfpgan", None),
+                      "ultra_fast": ("lightweight", None), "pirender": (None, None)}
+    assert config_for("--preset", "quality", "--background_enhancer", "none").background_enhancer is None
+    dropped = config_for("--preset", "quality", "--enhancer", "none")  # no face enhancer: no background either
+    assert (dropped.enhancer, dropped.background_enhancer) == (None, None)
+    kept = config_for("--preset", "quality", "--enhancer", "gfpgan")
+    assert (kept.enhancer, kept.background_enhancer) == ("gfpgan", "realesrgan")
     assert presets["fast"].settings["precision"] == presets["ultra_fast"].settings["precision"] == "int8"
     assert presets["quality"].settings["precision"] == "fp32"
     assert presets["balanced"].settings["precision"] == "bf16"

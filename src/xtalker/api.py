@@ -34,7 +34,7 @@ from xtalker.media import MediaError
 from xtalker.parallel import JobError, SlotError
 from xtalker.pipeline import AudioTooShortError, Progress, check_run, generate, load_head
 from xtalker.preprocess import LandmarkBackendError, NoFaceError, SourceError
-from xtalker.presets import PresetError, get_preset
+from xtalker.presets import PresetError, get_preset, without_none
 from xtalker.profiling import Profiler
 from xtalker.render import QuantizationUnavailableError
 from xtalker.stream import FrameStream, check_streamable
@@ -115,7 +115,8 @@ class XTalker:
         """`options`: defaults for every video (see the module docstring); `preset`: a name from
         configs/presets.yaml under them; `warm`: load the networks now (else on the first call)."""
         self.preset = preset
-        self.defaults = {**_preset_options(preset), **_checked({**options, "checkpoint_dir": checkpoint_dir})}
+        self.options = _checked({**options, "checkpoint_dir": checkpoint_dir})  # what the caller gave, over the preset
+        self.defaults = {**_preset_options(preset), **self.options}
         self.networks = Networks(max_heads=max_settings)
         self._lock = threading.RLock()
         self.synthetic = is_synthetic_folder(Path(checkpoint_dir))
@@ -128,7 +129,8 @@ class XTalker:
     def config(self, source_image: str | Path, driven_audio: str | Path, output: str | Path | None = None,
                preset: str | None = None, **options: Any) -> InferenceConfig:
         """The run's settings: call options > call preset > constructor options > constructor preset > built-in."""
-        values = {**self.defaults, **_preset_options(preset), **_checked(options)}
+        given = _checked(options)
+        values = without_none({**self.defaults, **_preset_options(preset), **given}, {**self.options, **given})
         return InferenceConfig(driven_audio=Path(driven_audio), source_image=Path(source_image),
                                output=None if output is None else Path(output), **values)
 

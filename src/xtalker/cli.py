@@ -26,7 +26,6 @@ IGNORED_UPSTREAM = {
     "--focal": float, "--center": float, "--camera_d": float, "--z_near": float, "--z_far": float,
 }
 NOT_AVAILABLE = {
-    "background_enhancer": "--background_enhancer is not available in this build; run without it",
     "face3dvis": "--face3dvis (3-D face visualisation) is not available in XTalker; run without it",
 }
 
@@ -67,9 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--input_pitch", nargs="+", type=float, default=None, help="pitch keyframes in degrees")
     up.add_argument("--input_roll", nargs="+", type=float, default=None, help="roll keyframes in degrees")
     up.add_argument("--enhancer", type=str, default=None,
-                    help="face enhancer: gfpgan (GFPGAN v1.4, output twice the size, needs GFPGANv1.4.pth), lightweight "
-                         "(unsharp mask, no weights), or none (also overrides a preset's enhancer)")
-    up.add_argument("--background_enhancer", type=str, default=None, help="background enhancer (realesrgan): not available yet")
+                    help="face enhancer: gfpgan (GFPGAN v1.4, needs GFPGANv1.4.pth), RestoreFormer (needs RestoreFormer.pth; "
+                         "both output twice the size unless --enhance_scale 1), lightweight (unsharp mask, no weights), or "
+                         "none (also overrides a preset's enhancer and background enhancer)")
+    up.add_argument("--background_enhancer", type=str, default=None,
+                    help="realesrgan: RealESRGAN x2plus upscales the picture under the restored face (needs "
+                         "RealESRGAN_x2plus.pth and --enhancer gfpgan or RestoreFormer; in the full modes the still picture "
+                         "is upscaled once per video), or none (overrides a preset's)")
     up.add_argument("--cpu", action="store_true", help="run on the CPU (the same as --device cpu)")
     up.add_argument("--face3dvis", action="store_true", help="not available")
     up.add_argument("--still", action="store_true", help="keep the source head pose (recommended with --preprocess full)")
@@ -96,11 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     ours.add_argument("--blend", choices=BLENDS, default=None,
                       help="paste-back blend of the full modes: seamless (upstream, Poisson), alpha, feather, gaussian")
     ours.add_argument("--enhance_align", choices=ALIGNS, default="source",
-                      help="how --enhancer gfpgan finds the face: source (aligned once from the source landmarks; fast) or "
+                      help="how --enhancer gfpgan/RestoreFormer finds the face: source (aligned once from the source landmarks; fast) or "
                            "detect (upstream: RetinaFace + ParseNet on every frame; needs detection_Resnet50_Final.pth and "
                            "parsing_parsenet.pth)")
     ours.add_argument("--enhance_scale", type=int, choices=(2, 1), default=2,
-                      help="output size of --enhancer gfpgan: 2 (upstream: twice the rendered size, 1280x720 -> 2560x1440) or "
+                      help="output size of --enhancer gfpgan/RestoreFormer: 2 (upstream: twice the rendered size, 1280x720 -> 2560x1440) or "
                            "1 (the rendered size: the restored face pasted back at it)")
     ours.add_argument("--no-compile", "--no_compile", dest="compile", action="store_false",
                       help="never build or load compiled graphs (int8 needs them; --facerender pirender then runs eagerly: "
@@ -133,13 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Built-in defaults of the settings a preset may set; used when neither a flag nor the preset gives one.
 PRESETTABLE_DEFAULTS = {"precision": "fp32", "batch_size": 2, "threads": None, "workers": 1, "blend": "seamless", "enhancer": None,
-                        "device": "auto", "facerender": "facevid2vid"}
+                        "background_enhancer": None, "device": "auto", "facerender": "facevid2vid"}
 
 
 def resolve_presettable(args: argparse.Namespace) -> dict[str, object]:
     """Explicit flag > preset > built-in default, for every setting a preset may set."""
     from xtalker.parallel import available_cpus
-    from xtalker.presets import AUTO, auto_workers, get_preset
+    from xtalker.presets import AUTO, auto_workers, get_preset, without_none
 
     preset = get_preset(args.preset).settings if args.preset else {}
     chosen = {
@@ -148,9 +151,8 @@ def resolve_presettable(args: argparse.Namespace) -> dict[str, object]:
     }
     if chosen["workers"] == AUTO:
         chosen["workers"] = auto_workers(len(available_cpus()))
-    if str(chosen["enhancer"]).lower() == "none":  # --enhancer none: no enhancer, whatever the preset says
-        chosen["enhancer"] = None
-    return chosen
+    # --enhancer none: no enhancer (nor the preset's background enhancer), whatever the preset says
+    return without_none(chosen, {name for name in PRESETTABLE_DEFAULTS if getattr(args, name) is not None})
 
 
 def config_from_args(args: argparse.Namespace) -> InferenceConfig:
@@ -188,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> InferenceConfig:
         enhancer=chosen["enhancer"],
         enhance_align=args.enhance_align,
         enhance_scale=args.enhance_scale,
+        background_enhancer=chosen["background_enhancer"],
         profile=args.profile,
         report=args.report,
     )
@@ -206,16 +209,20 @@ def ipex_unavailable() -> str | None:
 def preset_note(error: Exception, args: argparse.Namespace, config: InferenceConfig) -> str:
     """A missing file that a preset asked for (its renderer's, its enhancer's): say so, and how to keep the rest of
     the preset."""
-    from xtalker.finish.enhance import EnhancerWeightsMissing
+    from xtalker.finish.enhance import REALESRGAN_FILE, EnhancerWeightsMissing
     from xtalker.models.pirender import FILE_NAME
 
     message = str(error)
     if args.preset and args.facerender is None and config.facerender == "pirender" and FILE_NAME in message:
         return (f"{message}; preset {args.preset} renders with --facerender pirender: add --facerender facevid2vid to "
                 "use its other settings without that file")
-    if args.preset and args.enhancer is None and isinstance(error, EnhancerWeightsMissing):
-        return (f"{message}; preset {args.preset} uses --enhancer {config.enhancer}: add --enhancer none to use its "
-                "other settings without it")
+    if args.preset and isinstance(error, EnhancerWeightsMissing):
+        if args.background_enhancer is None and config.background_enhancer and REALESRGAN_FILE in message:
+            return (f"{message}; preset {args.preset} uses --background_enhancer {config.background_enhancer}: add "
+                    "--background_enhancer none to use its other settings without it")
+        if args.enhancer is None:
+            return (f"{message}; preset {args.preset} uses --enhancer {config.enhancer}: add --enhancer none to use its "
+                    "other settings without it")
     return message
 
 

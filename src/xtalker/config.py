@@ -8,6 +8,7 @@ from pathlib import Path
 
 from xtalker.finish import ALIGNS, BLENDS, check_enhancer
 from xtalker.finish.enhance import SCALES as ENHANCE_SCALES
+from xtalker.finish.enhance import check_background
 from xtalker.preprocess import PREPROCESS_MODES
 
 SIZES = (256, 512)
@@ -56,6 +57,7 @@ class InferenceConfig:
     enhancer: str | None = None  # face enhancer (xtalker.finish.enhance.ENHANCERS), None: none
     enhance_align: str = "source"  # GFPGAN face alignment (xtalker.finish.ALIGNS): once from the source, or detect
     enhance_scale: int = 2  # a restoring enhancer's output: 2x the rendered size (upstream) or 1x
+    background_enhancer: str | None = None  # "realesrgan": RealESRGAN x2plus under a restoring enhancer's faces
     # Render the next batch while this one is finished and encoded (xtalker.overlap). None: on a GPU only; on a
     # CPU the producer thread takes cores from the renderer (16 frames bf16: 28.2 s serial, 30.0 s overlapped).
     overlap: bool | None = None
@@ -108,6 +110,7 @@ class InferenceConfig:
             raise ConfigError(f"--expression_scale must be a number >= 0, got {self.expression_scale}")
         try:
             check_enhancer(self.enhancer)
+            check_background(self.background_enhancer, self.enhancer)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.enhance_align not in ALIGNS:

@@ -396,7 +396,7 @@ def render_frames(
 def finisher(run: PreparedRun, config: InferenceConfig, part: str = "all") -> Finisher:
     """The post-render chain of `run` (see xtalker.finish): all of it, the workers' share or the merge's."""
     settings = FinishSettings(config.blend, config.enhancer, config.enhance_align, config.checkpoint_dir, config.precision,
-                              resolve_device(config.device), config.enhance_scale)
+                              resolve_device(config.device), config.enhance_scale, config.background_enhancer)
     return Finisher(settings, run.image_size, run.crop_size_wh, run.paste, run.face_points, run.seed, part)
 
 
@@ -446,7 +446,7 @@ def check_run(config: InferenceConfig, *, audio_file: bool = True, output: bool 
     config.validate()
     if config.precision == "int8":
         check_available()
-    check_weights(config.enhancer, config.enhance_align, config.checkpoint_dir)
+    check_weights(config.enhancer, config.enhance_align, config.checkpoint_dir, config.background_enhancer)
     for path, what in ((config.driven_audio if audio_file else None, "driven audio"), (config.source_image, "source image"),
                        (config.ref_eyeblink, "--ref_eyeblink video"), (config.ref_pose, "--ref_pose video")):
         if path is not None and not Path(path).is_file():
@@ -476,7 +476,7 @@ def generate(config: InferenceConfig, networks: Networks | None = None, progress
     if config.threads:
         torch.set_num_threads(config.threads)
     output = config.output or default_output(config)
-    check_weights(config.enhancer, config.enhance_align, config.checkpoint_dir)
+    check_weights(config.enhancer, config.enhance_align, config.checkpoint_dir, config.background_enhancer)
     networks = networks if networks is not None else Networks()
     with networks.active():
         wav = load_speech(config, prof)

@@ -12,7 +12,7 @@ import yaml
 
 # Settings a preset may set, with the type each must have ("workers" and "batch_size" may also be "auto").
 PRESET_FIELDS: dict[str, type] = {"precision": str, "batch_size": int, "threads": int, "workers": int, "blend": str, "enhancer": str,
-                                  "device": str, "facerender": str}
+                                  "background_enhancer": str, "device": str, "facerender": str}
 AUTO = "auto"
 AUTO_FIELDS = ("workers", "batch_size")
 # Cores per worker slot for `workers: auto`. On a 2-core VM one 2-thread process renders as fast as two
@@ -78,6 +78,19 @@ def get_preset(name: str, path: Path | None = None) -> Preset:
     if name not in presets:
         raise PresetError(f"unknown preset {name!r}; available: {', '.join(presets)} (see --list_presets)")
     return presets[name]
+
+
+def without_none(values: dict[str, Any], given: Any) -> dict[str, Any]:
+    """`values` with "none" (any case) meaning no enhancer / no background enhancer. A face enhancer turned off by
+    `given` (the settings the user gave, over the preset's) also drops the preset's background enhancer, which only
+    works under one; a background enhancer the user gave is kept (and refused with a clear message)."""
+    out = dict(values)
+    for key in ("enhancer", "background_enhancer"):
+        if str(out.get(key)).lower() == "none":
+            out[key] = None
+    if out.get("enhancer") is None and "enhancer" in given and "background_enhancer" not in given:
+        out["background_enhancer"] = None
+    return out
 
 
 def describe(presets: dict[str, Preset]) -> str:

@@ -7,6 +7,8 @@ RestoreFormer as the face restorer (`--enhancer RestoreFormer`).
   the Lanczos upscale; a frame without faces comes out as the RealESRGAN image. Upstream (SadTalker) only builds
   the upsampler when CUDA is available (on CPU `--background_enhancer realesrgan` does nothing); whether to follow
   that is the caller's decision.
+- `StillBackground`: the same for frames that are one still picture outside a box (the full modes): the picture is
+  upscaled once per video and only the box region per frame.
 - `RestoreFormerRestorer`: same call as `finish.enhance.Restorer` (aligned BGR crops and (frame, face) keys ->
   restored crops), RestoreFormer through its fast plan. It draws no noise, so the keys do not matter.
 
@@ -52,6 +54,35 @@ class BackgroundUpsampler:
 
     def __call__(self, frame_bgr: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
         return paste_canvas(self.upsample(frame_bgr), size_wh)
+
+
+class StillBackground:
+    """The background of frames that are one still picture except inside `box` (the full modes after paste-back):
+    the picture goes through RealESRGAN once; per frame only the box, with `margin` pixels of context on each side
+    (a tile's pad), and its upscale replaces that part of the canvas. Same call as `BackgroundUpsampler`."""
+
+    def __init__(self, upsampler: BackgroundUpsampler, picture_bgr: np.ndarray, box: tuple[int, int, int, int],
+                 margin: int = SADTALKER_TILE_PAD):
+        self.upsampler, self.box, self.margin = upsampler, box, margin
+        self.shape = picture_bgr.shape
+        self.canvas = upsampler.upsample(picture_bgr)
+        self.scale = self.canvas.shape[0] // picture_bgr.shape[0]
+
+    def __call__(self, frame_bgr: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
+        if frame_bgr.shape != self.shape:
+            raise ValueError(f"frame is {frame_bgr.shape}, the still background is {self.shape}")
+        h, w = self.shape[:2]
+        y1, y2, x1, x2 = self.box
+        if y2 <= y1 or x2 <= x1:
+            return paste_canvas(self.canvas, size_wh)
+        # The region is cut at even offsets so its 2x output lands on whole canvas pixels.
+        ry1, rx1 = max(0, y1 - self.margin) // 2 * 2, max(0, x1 - self.margin) // 2 * 2
+        ry2, rx2 = min(h, y2 + self.margin), min(w, x2 + self.margin)
+        up = self.upsampler.upsample(frame_bgr[ry1:ry2, rx1:rx2])
+        s = self.scale
+        canvas = self.canvas.copy()
+        canvas[y1 * s : y2 * s, x1 * s : x2 * s] = up[(y1 - ry1) * s : (y2 - ry1) * s, (x1 - rx1) * s : (x2 - rx1) * s]
+        return paste_canvas(canvas, size_wh)
 
 
 def paste_canvas(upsampled: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:

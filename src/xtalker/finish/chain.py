@@ -4,10 +4,15 @@ The chain is built once per video. With a heavy enhancer (GFPGAN) it splits in t
 parallel run apply the stages up to the enhancer (so the expensive network runs in parallel) and store
 their output in the shards; the merge applies the rest. A single process applies all of it.
 
-Order: the source-aligned GFPGAN path enhances the face crop (resized to the paste box in full modes) and
-pastes it into the original picture upscaled once per video; the `detect` path, like upstream, enhances the
-finished frame. Either way the enhanced video is twice the rendered size, as upstream's, or with
+Order: the source-aligned path (GFPGAN or RestoreFormer) enhances the face crop (resized to the paste box in
+full modes) and pastes it into the original picture upscaled once per video; the `detect` path, like upstream,
+enhances the finished frame. Either way the enhanced video is twice the rendered size, as upstream's, or with
 `enhance_scale` 1 the rendered size (the restored face pasted back at it).
+
+The background enhancer (RealESRGAN x2plus) replaces the Lanczos upscale under the faces. Per frame it costs:
+crop modes, the whole frame (it is the animated crop); full modes, only the face box (the source path: the crop
+before paste-back; the detect path: the box of the finished frame plus a tile pad), the still picture being
+upscaled once per video.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from xtalker.finish.enhance import UPSCALE, make_enhancer
+from xtalker.finish.enhance import REALESRGAN_FILE, RESTORING, UPSCALE, check_weights, make_enhancer
 from xtalker.finish.paste import Paster, PasteTarget
 from xtalker.profiling import Profiler
 from xtalker.render import resize_to_original, restored_size
@@ -39,19 +44,30 @@ class FinishSettings:
     precision: str = "fp32"
     device: str = "cpu"  # resolved ("cpu", "cuda:N"): where the enhancer's networks run
     enhance_scale: int = UPSCALE  # a restoring enhancer's output: 2x (upstream) or the rendered size (1)
+    background_enhancer: str | None = None  # "realesrgan": RealESRGAN x2plus under the restored faces
 
     @property
     def heavy(self) -> bool:
-        return self.enhancer is not None and self.enhancer.lower() == "gfpgan"
+        return self.enhancer is not None and self.enhancer.lower() in RESTORING
 
 
-def scaled_target(target: PasteTarget, factor: int) -> PasteTarget:
-    """The paste target `factor` times larger: the picture upscaled once (Lanczos, as upstream's enhancer)."""
+def scaled_target(target: PasteTarget, factor: int, settings: FinishSettings | None = None) -> PasteTarget:
+    """The paste target `factor` times larger: the picture upscaled once (Lanczos, as upstream's enhancer, or the
+    settings' background enhancer)."""
+    h, w = target.background.shape[:2]
+    size_wh = (w * factor, h * factor)
+    box = tuple(v * factor for v in target.box)
+    if settings is not None and settings.background_enhancer is not None:
+        from xtalker.finish.background import BackgroundUpsampler
+
+        path = check_weights(settings.enhancer, "source", settings.checkpoint_dir, settings.background_enhancer)
+        precision = "fp32" if settings.precision == "fp32" else "bf16"
+        upsampler = BackgroundUpsampler(path[REALESRGAN_FILE], precision, settings.device)
+        bgr = np.ascontiguousarray(target.background[..., ::-1])
+        return PasteTarget(np.ascontiguousarray(upsampler(bgr, size_wh)[..., ::-1]), box)
     if factor == 1:
         return target
-    h, w = target.background.shape[:2]
-    background = cv2.resize(target.background, (w * factor, h * factor), interpolation=cv2.INTER_LANCZOS4)
-    return PasteTarget(background, tuple(v * factor for v in target.box))
+    return PasteTarget(cv2.resize(target.background, size_wh, interpolation=cv2.INTER_LANCZOS4), box)
 
 
 def _per_frame(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray, int], np.ndarray]:
@@ -87,6 +103,8 @@ class Finisher:
         frame_wh = restored_size(render_size, crop_size_wh)
         after_paste = settings.heavy and settings.enhance_align == "detect"
         upscale = settings.enhance_scale if settings.heavy and not after_paste else 1
+        # The picture under a source-aligned restored face is upscaled once here (RealESRGAN when asked).
+        upscale_picture = settings.heavy and not after_paste
         if settings.enhancer is not None and not after_paste:
             if paste is not None and settings.heavy:
                 # Enhance at the size the face takes in the picture, as upstream's enhancer sees it.
@@ -98,14 +116,17 @@ class Finisher:
                 points = np.asarray(face_points, np.float32) * scale
             plan.append(("enhance", lambda: make_enhancer(
                 settings.enhancer, settings.enhance_align, settings.checkpoint_dir, settings.precision, seed,
-                points, frame_wh, settings.device, settings.enhance_scale)))
+                points, frame_wh, settings.device, settings.enhance_scale, settings.background_enhancer)))
         heavy_until = len(plan) if settings.heavy else 0
         if paste is not None:
-            plan.append(("paste", lambda: _per_frame(Paster(scaled_target(paste, upscale), settings.blend))))
+            plan.append(("paste", lambda: _per_frame(
+                Paster(scaled_target(paste, upscale, settings if upscale_picture else None), settings.blend))))
         if after_paste:
+            still = None if paste is None else (paste.background, paste.box)
             plan.append(("enhance", lambda: make_enhancer(
                 settings.enhancer, settings.enhance_align, settings.checkpoint_dir, settings.precision, seed,
-                device=settings.device, scale=settings.enhance_scale)))
+                device=settings.device, scale=settings.enhance_scale, background=settings.background_enhancer,
+                still=still)))
             heavy_until = len(plan)
         chosen = {"all": plan, "worker": plan[:heavy_until], "merge": plan[heavy_until:]}[part]
         self.stages = [(name, build()) for name, build in chosen]

@@ -2,7 +2,10 @@
 
 - `lightweight`: an unsharp mask (no weights, ~1 ms a frame) on the face crop before paste-back.
 - `gfpgan`: GFPGAN v1.4 (`GFPGANv1.4.pth`); the output is twice the input size, as upstream's enhancer.
-  Two ways to find the face (`--enhance_align`):
+- `restoreformer`: RestoreFormer (`RestoreFormer.pth`) in GFPGAN's place, with the same geometry (`--enhancer
+  RestoreFormer` as upstream spells it). Its codebook lookup is discrete, so its encoder and quantizer stay fp32 in
+  every precision; only the decoder runs in bf16.
+The restoring enhancers (`gfpgan`, `restoreformer`) take two ways to find the face (`--enhance_align`):
   - `source` (default): the renderer's crop holds the source face where the source landmarks put it, so
     the 5-point alignment to the 512 template is computed once per video from those landmarks and every
     frame is warped with it; the restored face goes back with a fixed soft face mask. No detection, no
@@ -10,6 +13,8 @@
   - `detect`: upstream's per-frame procedure on the finished frame: RetinaFace (`detection_Resnet50_Final.pth`)
     finds every face, LMedS alignment, GFPGAN, ParseNet (`parsing_parsenet.pth`) mask, paste on a Lanczos
     upscale. Costs about 2.2x `source` (detector + ParseNet on top of GFPGAN).
+With `--background_enhancer realesrgan` the canvas the faces are pasted on is RealESRGAN x2plus's output instead
+of the Lanczos upscale (`background`: a callable (frame, size) -> canvas, `finish.background`).
 GFPGAN's StyleGAN noise is drawn per face from a generator seeded by (run seed, frame index, face index),
 so a frame's result does not depend on batching or on which worker renders it.
 
@@ -46,12 +51,15 @@ from xtalker.finish.restore import parse_mask as parse_classes_mask
 from xtalker.models import auxfile
 from xtalker.models.gfpgan import FILE_NAME as GFPGAN_FILE
 from xtalker.models.parsenet import FILE_NAME as PARSENET_FILE
+from xtalker.models.restoreformer import FILE_NAME as RESTOREFORMER_FILE
 from xtalker.models.retinaface import FILE_NAME as RETINAFACE_FILE
+from xtalker.models.rrdbnet import FILE_NAME as REALESRGAN_FILE
 from xtalker.warm import network_key, shared
 
-ENHANCERS = ("lightweight", "gfpgan")
+ENHANCERS = ("lightweight", "gfpgan", "restoreformer")
+RESTORING = ("gfpgan", "restoreformer")  # networks on aligned 512 face crops: heavy, twice the size by default
 ALIGNS = ("source", "detect")
-PLANNED = {"restoreformer": "RestoreFormer"}
+BACKGROUND_ENHANCERS = ("realesrgan",)
 SHARPEN_SIGMA = 1.2  # px at the output size: the renderer's blur scale at 256 px
 SHARPEN_AMOUNT = 0.6  # 1 + amount times the frame minus amount times its blur
 UPSCALE = 2  # upstream's GFPGANer(upscale=2): the enhanced video is twice the rendered size
@@ -69,17 +77,32 @@ def check_enhancer(name: str | None) -> str | None:
     key = name.lower()
     if key in ENHANCERS:
         return key
-    if key in PLANNED:
-        raise ValueError(f"--enhancer {name}: {PLANNED[key]} is not available in this build; "
-                         f"use --enhancer {' or '.join(ENHANCERS)}, or run without an enhancer")
-    raise ValueError(f"--enhancer must be one of {', '.join(ENHANCERS)}, got {name!r}")
+    raise ValueError(f"--enhancer must be one of gfpgan, RestoreFormer, lightweight or none, got {name!r}")
 
 
-def required_files(name: str | None, align: str = "source") -> tuple[str, ...]:
-    """The weight files enhancer `name` needs with alignment `align`."""
-    if check_enhancer(name) != "gfpgan":
+def check_background(name: str | None, enhancer: str | None) -> str | None:
+    """The normalised background enhancer, or None; ValueError when unknown or without a restoring enhancer
+    (upstream hands the background upsampler to GFPGANer, so it does nothing without one)."""
+    if name is None:
+        return None
+    key = name.lower()
+    if key not in BACKGROUND_ENHANCERS:
+        raise ValueError(f"--background_enhancer must be realesrgan, got {name!r}")
+    if check_enhancer(enhancer) not in RESTORING:
+        raise ValueError("--background_enhancer realesrgan upscales the picture under a restored face: add "
+                         "--enhancer gfpgan or --enhancer RestoreFormer, or leave --background_enhancer out")
+    return key
+
+
+def required_files(name: str | None, align: str = "source", background: str | None = None) -> tuple[str, ...]:
+    """The weight files enhancer `name` needs with alignment `align` and background enhancer `background`."""
+    key = check_enhancer(name)
+    if key not in RESTORING:
         return ()
-    return (GFPGAN_FILE,) if align == "source" else (GFPGAN_FILE, RETINAFACE_FILE, PARSENET_FILE)
+    files = (GFPGAN_FILE if key == "gfpgan" else RESTOREFORMER_FILE,)
+    if align == "detect":
+        files += (RETINAFACE_FILE, PARSENET_FILE)
+    return files + ((REALESRGAN_FILE,) if check_background(background, key) else ())
 
 
 def find_weights(file_name: str, checkpoint_dir: Path, purpose: str) -> Path:
@@ -94,10 +117,19 @@ def find_weights(file_name: str, checkpoint_dir: Path, purpose: str) -> Path:
     )
 
 
-def check_weights(name: str | None, align: str, checkpoint_dir: Path) -> dict[str, Path]:
-    """Every file the enhancer needs, found (raises EnhancerWeightsMissing before any work otherwise)."""
+def check_weights(name: str | None, align: str, checkpoint_dir: Path, background: str | None = None) -> dict[str, Path]:
+    """Every file the enhancers need, found (raises EnhancerWeightsMissing before any work otherwise)."""
     purpose = f"--enhancer {name}" + (" --enhance_align detect" if align == "detect" else "")
-    return {f: find_weights(f, checkpoint_dir, purpose) for f in required_files(name, align)}
+    found = {}
+    for f in required_files(name, align, background):
+        found[f] = find_weights(f, checkpoint_dir, "--background_enhancer realesrgan" if f == REALESRGAN_FILE else purpose)
+    return found
+
+
+class FaceRestorer(Protocol):
+    """(n, 512, 512, 3) aligned BGR uint8 crops, one (frame, face) key each -> restored crops, same layout."""
+
+    def __call__(self, crops: np.ndarray, keys: Sequence[tuple[int, int]]) -> np.ndarray: ...
 
 
 class Enhancer(Protocol):
@@ -171,12 +203,17 @@ def _bgr(frames: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frames[..., ::-1])
 
 
-class SourceAlignedEnhancer:
-    """GFPGAN with one alignment per video from the source landmarks (in the coordinates of the frames
-    this enhancer receives) and a fixed soft mask."""
+Background = Callable[[np.ndarray, tuple[int, int]], np.ndarray]  # (frame_bgr, (w, h)) -> canvas at that size
 
-    def __init__(self, restorer: Restorer, lm5: np.ndarray, frame_wh: tuple[int, int], scale: int = UPSCALE):
+
+class SourceAlignedEnhancer:
+    """A restorer with one alignment per video from the source landmarks (in the coordinates of the frames
+    this enhancer receives) and a fixed soft mask; faces are pasted on `background(frame)` (Lanczos default)."""
+
+    def __init__(self, restorer: FaceRestorer, lm5: np.ndarray, frame_wh: tuple[int, int], scale: int = UPSCALE,
+                 background: Background | None = None):
         self.restorer = restorer
+        self.background = background or upscale_background
         self.affine = align_affine(lm5)
         self.inverse = inverse_affine(self.affine, scale)
         self.frame_wh = frame_wh
@@ -191,7 +228,7 @@ class SourceAlignedEnhancer:
         restored = self.restorer(np.stack([warp_face(f, self.affine) for f in bgr]),
                                  [(first + i, 0) for i in range(len(bgr))])
         out = [
-            to_u8(paste_face(upscale_background(f, self.out_wh).astype(np.float64), r, self.inverse, self.soft_mask))
+            to_u8(paste_face(self.background(f, self.out_wh).astype(np.float64), r, self.inverse, self.soft_mask))
             for f, r in zip(bgr, restored)
         ]
         return np.stack(out)[..., ::-1]
@@ -211,7 +248,7 @@ def enhance_detected(
     restore: Callable[[np.ndarray], np.ndarray],
     parse: Callable[[np.ndarray], np.ndarray],
     scale: int = UPSCALE,
-    background: Callable[[np.ndarray, tuple[int, int]], np.ndarray] | None = None,
+    background: Background | None = None,
 ) -> np.ndarray:
     """Upstream's per-frame enhance: align each face, restore, parse, paste in order on the Lanczos upscale, or on
     `background(frame_bgr, size_wh)` (GFPGANer's background upsampler, `finish.background`) when given."""
@@ -231,10 +268,11 @@ def enhance_detected(
 
 
 class DetectingEnhancer:
-    """Upstream's procedure per finished frame: RetinaFace, LMedS alignment, GFPGAN, ParseNet mask, paste."""
+    """Upstream's procedure per finished frame: RetinaFace, LMedS alignment, restorer, ParseNet mask, paste on
+    `background` (Lanczos default)."""
 
-    def __init__(self, restorer: Restorer, detector_path: Path, parsenet_path: Path, precision: str = "fp32",
-                 device: str = "cpu", scale: int = UPSCALE):
+    def __init__(self, restorer: FaceRestorer, detector_path: Path, parsenet_path: Path, precision: str = "fp32",
+                 device: str = "cpu", scale: int = UPSCALE, background: Background | None = None):
         from xtalker.models.parsenet import load_parsenet
         from xtalker.preprocess import FaceDetector
 
@@ -244,7 +282,7 @@ class DetectingEnhancer:
                                lambda: FaceDetector.from_file(detector_path, device=device))
         self.parsenet = shared("parsenet", network_key(parsenet_path, device),
                                lambda: load_parsenet(parsenet_path).to(torch.device(device)))
-        self.precision, self.scale = precision, scale
+        self.precision, self.scale, self.background = precision, scale, background
 
     def faces(self, frames_bgr: Sequence[np.ndarray]) -> list[DetectedFaces]:
         from xtalker.preprocess import restore_helper_faces
@@ -267,7 +305,7 @@ class DetectingEnhancer:
         for i, (frame, faces) in enumerate(zip(bgr, self.faces(bgr))):
             keys = [(first + i, k) for k in range(len(faces.landmarks5))]
             out.append(enhance_detected(frame, faces, lambda crops, keys=keys: self.restorer(crops, keys), self.parse,
-                                        self.scale))
+                                        self.scale, self.background))
         return np.stack(out)[..., ::-1]
 
 
@@ -281,24 +319,43 @@ def make_enhancer(
     frame_wh: tuple[int, int] | None = None,
     device: str = "cpu",
     scale: int = UPSCALE,
+    background: str | None = None,
+    still: tuple[np.ndarray, tuple[int, int, int, int]] | None = None,
 ) -> Enhancer | None:
     """The enhancer `name` (see ENHANCERS), or None. `lm5`/`frame_wh`: the source face's 5 points in the frames
     the enhancer will receive (the `source` alignment). `precision` fp32 keeps the networks in fp32; anything
-    else runs GFPGAN and ParseNet in bf16 (their plans' bf16 weights). `device`: where the networks run
+    else runs GFPGAN, ParseNet, RestoreFormer's decoder and RealESRGAN in bf16. `device`: where the networks run
     (resolved: "cpu" or "cuda:N"); the lightweight enhancer is OpenCV on the CPU. `scale`: the restoring enhancers'
-    output size, 2 (upstream) or 1 times their input (SCALES)."""
+    output size, 2 (upstream) or 1 times their input (SCALES). `background`: "realesrgan" pastes the faces on
+    RealESRGAN x2plus's output. `still`: (RGB picture, box (y1, y2, x1, x2)) when the frames are that picture
+    with only the box changing (the full modes after paste-back): the picture is upscaled once and only the box
+    per frame."""
     key = check_enhancer(name)
     if key is None:
         return None
+    background = check_background(background, key)
     if key == "lightweight":
         return Sharpener()
     if align not in ALIGNS:
         raise ValueError(f"--enhance_align must be one of {', '.join(ALIGNS)}, got {align!r}")
-    paths = check_weights(key, align, checkpoint_dir)
+    paths = check_weights(key, align, checkpoint_dir, background)
     net_precision = "fp32" if precision == "fp32" else "bf16"
-    restorer = Restorer(paths[GFPGAN_FILE], net_precision, seed, device)
+    if key == "gfpgan":
+        restorer: FaceRestorer = Restorer(paths[GFPGAN_FILE], net_precision, seed, device)
+    else:
+        from xtalker.finish.background import RestoreFormerRestorer
+
+        restorer = RestoreFormerRestorer(paths[RESTOREFORMER_FILE], net_precision, device)
+    canvas = None
+    if background is not None:
+        from xtalker.finish.background import BackgroundUpsampler, StillBackground
+
+        canvas = BackgroundUpsampler(paths[REALESRGAN_FILE], net_precision, device)
+        if still is not None:
+            canvas = StillBackground(canvas, _bgr(still[0]), still[1])
     if align == "detect":
-        return DetectingEnhancer(restorer, paths[RETINAFACE_FILE], paths[PARSENET_FILE], net_precision, device, scale)
+        return DetectingEnhancer(restorer, paths[RETINAFACE_FILE], paths[PARSENET_FILE], net_precision, device, scale,
+                                 canvas)
     if lm5 is None or frame_wh is None:
         raise ValueError("the source-aligned enhancer needs the source face's 5 points and the frame size")
-    return SourceAlignedEnhancer(restorer, lm5, frame_wh, scale)
+    return SourceAlignedEnhancer(restorer, lm5, frame_wh, scale, canvas)

@@ -117,6 +117,7 @@ def settings(
     old_version: bool,
     facerender: str,
     enhance_scale: int = 2,
+    background_enhancer: Optional[str] = None,
 ) -> str:
     """The run's settings as JSON, checked as the CLI checks them; a missing seed becomes a fresh one (reported)."""
     config = InferenceConfig(
@@ -124,11 +125,12 @@ def settings(
         preprocess=preprocess, still=still, pose_style=pose_style, expression_scale=expression_scale,
         precision=precision, batch_size=batch_size, enhancer=enhancer, enhance_align=enhance_align, blend=blend,
         landmarks=landmarks, threads=threads, old_version=old_version, facerender=facerender,
-        enhance_scale=enhance_scale, seed=seed if seed is not None else random.SystemRandom().randrange(2**31),
+        enhance_scale=enhance_scale, background_enhancer=background_enhancer,
+        seed=seed if seed is not None else random.SystemRandom().randrange(2**31),
     )
     config.validate()
     find_checkpoints(config.checkpoint_dir, config.size, config.preprocess, config.old_version, config.facerender)
-    check_weights(config.enhancer, config.enhance_align, config.checkpoint_dir)
+    check_weights(config.enhancer, config.enhance_align, config.checkpoint_dir, config.background_enhancer)
     values = {**settings_of(config), "seed": config.seed, "threads": threads}
     log.info("settings: %s", values)
     return json.dumps(values, sort_keys=True)
@@ -249,12 +251,14 @@ def talking_head(
     old_version: bool = False,
     facerender: str = "facevid2vid",
     enhance_scale: int = 2,
+    background_enhancer: Optional[str] = None,
 ) -> FlyteFile:
     """One portrait + one speech clip -> one talking-head mp4, rendered in `shards` parallel tasks."""
     s = settings(checkpoint_dir=checkpoint_dir, size=size, preprocess=preprocess, still=still, pose_style=pose_style,
                  expression_scale=expression_scale, precision=precision, batch_size=batch_size, enhancer=enhancer,
                  enhance_align=enhance_align, blend=blend, landmarks=landmarks, seed=seed, threads=threads,
-                 old_version=old_version, facerender=facerender, enhance_scale=enhance_scale)
+                 old_version=old_version, facerender=facerender, enhance_scale=enhance_scale,
+                 background_enhancer=background_enhancer)
     key = fingerprint(source_image=source_image, driven_audio=driven_audio, settings=s)
     job = prepare(key=key, settings=s, source_image=source_image, driven_audio=driven_audio)
     p = plan(jobs=[job], shards=shards, settings=s)
@@ -284,12 +288,14 @@ def talking_heads(
     old_version: bool = False,
     facerender: str = "facevid2vid",
     enhance_scale: int = 2,
+    background_enhancer: Optional[str] = None,
 ) -> list[FlyteFile]:
     """Pairs (source_images[i], driven_audios[i]) -> one mp4 each; all shards of all videos in one map."""
     s = settings(checkpoint_dir=checkpoint_dir, size=size, preprocess=preprocess, still=still, pose_style=pose_style,
                  expression_scale=expression_scale, precision=precision, batch_size=batch_size, enhancer=enhancer,
                  enhance_align=enhance_align, blend=blend, landmarks=landmarks, seed=seed, threads=threads,
-                 old_version=old_version, facerender=facerender, enhance_scale=enhance_scale)
+                 old_version=old_version, facerender=facerender, enhance_scale=enhance_scale,
+                 background_enhancer=background_enhancer)
     pairs = pair(source_images=source_images, driven_audios=driven_audios, settings=s)
     keys = map_task(fingerprint)(source_image=pairs.source_image, driven_audio=pairs.driven_audio,
                                  settings=pairs.settings)

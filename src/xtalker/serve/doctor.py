@@ -158,10 +158,13 @@ def _checkpoint_checks(folder: Path, report: Report) -> None:
 
 
 def _aux_checks(folder: Path, report: Report) -> None:
-    from xtalker.models import auxfile, awing, gfpgan, parsenet, retinaface
+    from xtalker.models import auxfile, awing, gfpgan, parsenet, restoreformer, retinaface, rrdbnet
     from xtalker.preprocess.landmarks.base import backend_names, unavailable_reason
 
-    purposes = {gfpgan.FILE_NAME: "--enhancer gfpgan", retinaface.FILE_NAME: "--enhance_align detect, upstream landmarks",
+    purposes = {gfpgan.FILE_NAME: "--enhancer gfpgan (presets fast, balanced)",
+                restoreformer.FILE_NAME: "--enhancer RestoreFormer (preset quality)",
+                rrdbnet.FILE_NAME: "--background_enhancer realesrgan (preset quality)",
+                retinaface.FILE_NAME: "--enhance_align detect, upstream landmarks",
                 parsenet.FILE_NAME: "--enhance_align detect", awing.FILE_NAME: "upstream landmarks (AWing FAN)"}
     files = {}
     for name, purpose in purposes.items():
@@ -298,6 +301,18 @@ def quick_test(checkpoint_dir: Path, cache_dir: Path | None, frames: int, build_
             "recommended_preset": preset}
 
 
+def _enhancer_note(name: str) -> str:
+    """What the recommended preset adds after the renderer (the quick test times the renderer only)."""
+    from xtalker.presets import PresetError, get_preset
+
+    try:
+        settings = get_preset(name).settings
+    except PresetError:
+        return ""
+    added = [f"--{k} {settings[k]}" for k in ("enhancer", "background_enhancer") if settings.get(k)]
+    return f" (it also runs {' and '.join(added)}: add --enhancer none to go without)" if added else ""
+
+
 def render_text(report: Report) -> str:
     f = report.facts
     v, cpu, mem = f["versions"], f["cpu"], f["memory"]
@@ -328,7 +343,7 @@ def render_text(report: Report) -> str:
             lines.append(f"  {precision:<5} {r['s_per_frame']:.2f} s/frame  {r['speedup']:.2f}x  {psnr}")
         for precision, note in q["notes"].items():
             lines.append(f"  {precision:<5} {note}")
-        lines.append(f"recommended: --preset {q['recommended_preset']}")
+        lines.append(f"recommended: --preset {q['recommended_preset']}{_enhancer_note(q['recommended_preset'])}")
     lines += ["", "all needed parts are present" if report.healthy else
               "something a run needs is missing: see the MISSING lines"]
     return "\n".join(lines)

@@ -73,7 +73,7 @@ class Page:
     def _options(source_image: str | None, driven_audio: str | None, preset: str, size: int, preprocess: str,
                  still: bool, pose_style: int, expression_scale: float, enhancer: str, blend: str,
                  seed: float | None, batch_size: float | None, facerender: str | None = DEFAULT,
-                 enhance_scale: int | None = 2) -> dict[str, Any]:
+                 enhance_scale: int | None = 2, background_enhancer: str | None = DEFAULT) -> dict[str, Any]:
         """The page's fields as XTalker options; bad input raises a `ValueError` subclass with the message to show."""
         from xtalker.config import ConfigError
 
@@ -83,8 +83,10 @@ class Page:
             raise ConfigError("no driven audio: upload a speech clip (or record one with the microphone)")
         options: dict[str, Any] = {"size": int(size), "preprocess": preprocess, "still": bool(still),
                                    "pose_style": int(pose_style), "expression_scale": float(expression_scale)}
-        if enhancer and enhancer != "none":
+        if enhancer and enhancer != DEFAULT:  # "none" too: it turns off the preset's enhancer
             options["enhancer"] = enhancer
+        if background_enhancer and background_enhancer != DEFAULT:
+            options["background_enhancer"] = background_enhancer
         if blend and blend != DEFAULT:
             options["blend"] = blend
         if seed is not None and int(seed) >= 0:
@@ -114,12 +116,13 @@ class Page:
     def generate(self, source_image: str | None, driven_audio: str | None, preset: str, size: int, preprocess: str,
                  still: bool, pose_style: int, expression_scale: float, enhancer: str, blend: str,
                  seed: float | None = -1, batch_size: float | None = 0, facerender: str | None = DEFAULT,
-                 enhance_scale: int | None = 2, session: str = "", progress=None
-                 ) -> tuple[str, int, str]:
+                 enhance_scale: int | None = 2, background_enhancer: str | None = DEFAULT, session: str = "",
+                 progress=None) -> tuple[str, int, str]:
         """The page's Generate: (video path, seed used, timings). Raises `ValueError` subclasses with the message
         to show for bad input."""
         options = self._options(source_image, driven_audio, preset, size, preprocess, still, pose_style,
-                                expression_scale, enhancer, blend, seed, batch_size, facerender, enhance_scale)
+                                expression_scale, enhancer, blend, seed, batch_size, facerender, enhance_scale,
+                                background_enhancer)
         output = self.output_dir / f"xtalker-{uuid.uuid4().hex[:12]}.mp4"
         video = self.xt.generate(source_image, driven_audio, output, progress=self._watch(session, progress), **options)
         return str(video.output), video.seed, timings_markdown(video)
@@ -127,15 +130,16 @@ class Page:
     def stream(self, source_image: str | None, driven_audio: str | None, preset: str, size: int, preprocess: str,
                still: bool, pose_style: int, expression_scale: float, enhancer: str, blend: str,
                seed: float | None = -1, batch_size: float | None = 0, facerender: str | None = DEFAULT,
-               enhance_scale: int | None = 2, session: str = "", progress=None
-               ) -> Iterator[tuple[str, int, str]]:
+               enhance_scale: int | None = 2, background_enhancer: str | None = DEFAULT, session: str = "",
+               progress=None) -> Iterator[tuple[str, int, str]]:
         """The page's Stream: one-second mp4 segments as soon as they are rendered, each as (segment path, seed,
         status line); the speech is fed to the renderer as a live source would deliver it."""
         from xtalker.media import load_audio
         from xtalker.stream import file_chunks, segments
 
         options = self._options(source_image, driven_audio, preset, size, preprocess, still, pose_style,
-                                expression_scale, enhancer, blend, seed, batch_size, facerender, enhance_scale)
+                                expression_scale, enhancer, blend, seed, batch_size, facerender, enhance_scale,
+                                background_enhancer)
         wav = load_audio(driven_audio)
         total = len(wav) // 640
         live = self.xt.stream(source_image, file_chunks(wav), **options)
@@ -161,7 +165,6 @@ def build(xt, output_dir: Path, max_queue: int = 8):
     from xtalker.api import USER_ERRORS
     from xtalker.config import FACERENDERS, NUM_POSE_STYLES, SIZES, ConfigError
     from xtalker.finish import BLENDS
-    from xtalker.finish.enhance import ENHANCERS
     from xtalker.preprocess import PREPROCESS_MODES
     from xtalker.presets import load_presets
 
@@ -190,16 +193,16 @@ def build(xt, output_dir: Path, max_queue: int = 8):
             log.info("render ended after %.1f s", time.monotonic() - started)
 
     def generate(source_image, driven_audio, preset, size, preprocess, still, pose_style, expression_scale,
-                 enhancer, blend, seed, batch_size, facerender, enhance_scale, request: gr.Request,
+                 enhancer, blend, seed, batch_size, facerender, enhance_scale, background_enhancer, request: gr.Request,
                  progress=gr.Progress()):
         session = getattr(request, "session_hash", None) or ""
         with shown_as_messages():
             return page.generate(source_image, driven_audio, preset, size, preprocess, still, pose_style,
                                  expression_scale, enhancer, blend, seed, batch_size, facerender, enhance_scale,
-                                 session, progress)
+                                 background_enhancer, session, progress)
 
     def stream(source_image, driven_audio, preset, size, preprocess, still, pose_style, expression_scale,
-               enhancer, blend, seed, batch_size, facerender, enhance_scale, request: gr.Request,
+               enhancer, blend, seed, batch_size, facerender, enhance_scale, background_enhancer, request: gr.Request,
                progress=gr.Progress()):
         session = getattr(request, "session_hash", None) or ""
         with shown_as_messages():
@@ -208,7 +211,7 @@ def build(xt, output_dir: Path, max_queue: int = 8):
                                   "runs them): install FFmpeg (apt-get install ffmpeg), or use Generate")
             yield from page.stream(source_image, driven_audio, preset, size, preprocess, still, pose_style,
                                    expression_scale, enhancer, blend, seed, batch_size, facerender, enhance_scale,
-                                 session, progress)
+                                   background_enhancer, session, progress)
 
     def cancel(request: gr.Request):
         page.cancel(getattr(request, "session_hash", None) or "")
@@ -231,7 +234,11 @@ def build(xt, output_dir: Path, max_queue: int = 8):
                     preprocess = gr.Dropdown(list(PREPROCESS_MODES), value="crop", label="preprocess")
                 with gr.Row():
                     still = gr.Checkbox(value=False, label="still (keep the source pose)")
-                    enhancer = gr.Dropdown(["none", *ENHANCERS], value="none", label="enhancer")
+                    enhancer = gr.Dropdown([DEFAULT, "none", "lightweight", "gfpgan", "RestoreFormer"], value=DEFAULT,
+                                           label="face enhancer", elem_id="enhancer")
+                    background_enhancer = gr.Dropdown([DEFAULT, "none", "realesrgan"], value=DEFAULT,
+                                                      label="background (realesrgan: under a restored face)",
+                                                      elem_id="background_enhancer")
                     blend = gr.Dropdown([DEFAULT, *BLENDS], value=DEFAULT, label="blend (full modes)")
                     enhance_scale = gr.Radio([2, 1], value=2, label="enhancer output (x the rendered size)",
                                              elem_id="enhance_scale")
@@ -254,7 +261,7 @@ def build(xt, output_dir: Path, max_queue: int = 8):
                 timings = gr.Markdown(elem_id="timings")
         gr.Examples(_examples(), inputs=[source_image, driven_audio], label="example (click to load)")
         fields = [source_image, driven_audio, preset, size, preprocess, still, pose_style, expression_scale, enhancer,
-                  blend, seed, batch_size, facerender, enhance_scale]
+                  blend, seed, batch_size, facerender, enhance_scale, background_enhancer]
         event = run.click(generate, fields, [video, used_seed, timings], api_name="generate", concurrency_limit=1,
                           concurrency_id="render")
         streamed = live_run.click(stream, fields, [live, used_seed, timings], api_name="stream",
