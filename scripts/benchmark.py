@@ -4,6 +4,7 @@
     python scripts/benchmark.py memory [--checkpoint_dir C] [--real 0.4 2] [--stream 10 600]
     python scripts/benchmark.py blend [--repeats 50]
     python scripts/benchmark.py enhance [--frames 4]
+    python scripts/benchmark.py presets [--frames 4] [--presets quality balanced ...]
     python scripts/benchmark.py landmarks [--repeats 3]
     python scripts/benchmark.py parallel [--frames 24] [--precision bf16] [--checkpoint_dir C]
     python scripts/benchmark.py serve [--videos 10] [--frames 4] [--precision bf16] [--checkpoint_dir C]
@@ -15,6 +16,11 @@ speed: the same driving inputs (from the bundled example) through each renderer 
   difference against our fp32 frames, achieved GFLOP/s (counted FLOPs / time) and its share of a matmul
   peak measured in the same run, peak RSS, real-time factor, and the first batch's extra time (compile /
   quantize). Writes speed.json, speed.md and speed.png.
+
+presets: each preset of configs/presets.yaml as a whole CLI run (fresh process, crop 256, the bundled example):
+  seconds per frame after the networks are loaded, and PSNR of its frames against the same settings in fp32 (its
+  renderer and enhancers, only the precision changed; `quality` is the fp32 reference itself). Also writes
+  src/xtalker/data/presets_measured.json, which `--list_presets` shows with the machine named.
 
 parallel: whole CLI runs (fresh processes) over a grid of core slots x threads per slot, with
   `--workers` for more than one slot: wall time and speedup against one process using every core.
@@ -487,9 +493,9 @@ def blend(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- enhance
 
-def _stand_in_frames(count: int) -> tuple[np.ndarray, np.ndarray]:
-    """`count` 256 px face crops of the bundled portrait (slightly shifted each, like rendered frames) and the
-    source face's 5 points in them."""
+def _stand_in_frames(count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    """`count` 256 px face crops of the bundled portrait (slightly shifted each, like rendered frames), the source
+    face's 5 points in them, the 512 px portrait and the face's paste box (y1, y2, x1, x2) in it."""
     from xtalker.finish import five_points
     from xtalker.media import first_frame
     from xtalker.preprocess import get_backend
@@ -500,7 +506,18 @@ def _stand_in_frames(count: int) -> tuple[np.ndarray, np.ndarray]:
     crop = crop_source(picture, backend.detect(picture)[0].landmarks, mode="crop", pic_size=256)
     points = five_points(backend.detect(crop.image)[0].landmarks)
     frames = np.stack([np.roll(crop.image, i, axis=1) for i in range(count)])
-    return frames, points
+    return frames, points, picture, crop.info.paste_box()
+
+
+def _pasted(frames: np.ndarray, picture: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The full-mode frames: each crop pasted into the picture at `box` (a plain paste: the blend is not timed)."""
+    import cv2
+
+    y1, y2, x1, x2 = box
+    out = np.repeat(picture[None], len(frames), axis=0)
+    for i, f in enumerate(frames):
+        out[i, y1:y2, x1:x2] = cv2.resize(f, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
+    return out
 
 
 def _time_batches(fn, frames: np.ndarray, batch: int) -> tuple[float, np.ndarray]:
@@ -511,10 +528,25 @@ def _time_batches(fn, frames: np.ndarray, batch: int) -> tuple[float, np.ndarray
     return (time.perf_counter() - start) / len(frames), np.concatenate(outs)
 
 
+def _enhance_precisions() -> tuple[str, ...]:
+    from xtalker.render import QuantizationUnavailableError, quantize
+
+    try:
+        quantize.check_available()
+    except QuantizationUnavailableError:
+        return ("fp32", "bf16")
+    return ("fp32", "bf16", "int8")
+
+
 def enhance(args: argparse.Namespace) -> None:
-    """Per-frame cost of each enhancer mode on 256 px frames (output 512), synthetic weights; `detect` rows time
-    upstream's whole procedure with the face found (random detector weights score below its 0.97 threshold, so
-    the detector's time is measured on the frame and the rest runs on the source face's points)."""
+    """Per-frame cost of each enhancer mode, synthetic weights, against upstream's procedure in the same run.
+
+    Crop rows: 256 px frames (output 512). `detect` rows time upstream's whole procedure with the face found
+    (random detector weights score below its 0.97 threshold, so the detector's time is measured on the frame and the
+    rest runs on the source face's points). Background rows: the full mode's 512 px picture with the face pasted in;
+    upstream runs RealESRGAN on every whole frame, XTalker on the picture once per video (reported apart) and on the
+    face box per frame."""
+    from xtalker.finish.background import BackgroundUpsampler, RestoreFormerRestorer, StillBackground
     from xtalker.finish.enhance import (
         DetectedFaces,
         DetectingEnhancer,
@@ -523,52 +555,167 @@ def enhance(args: argparse.Namespace) -> None:
         SourceAlignedEnhancer,
         enhance_detected,
     )
-    from xtalker.synthetic import default_aux_dir
+    from xtalker.synthetic import default_aux_dir, ensure_restorers
     from xtalker.synthetic.auxiliary import ensure_all_aux
 
-    folder = ensure_all_aux(args.aux_dir or default_aux_dir())
-    frames, points = _stand_in_frames(args.frames)
+    folder = ensure_restorers(ensure_all_aux(args.aux_dir or default_aux_dir()))
+    frames, points, picture, box = _stand_in_frames(args.frames)
+    full = _pasted(frames, picture, box)
     rows, outputs = [], {}
 
-    def add(mode: str, precision: str, fn, batch: int) -> None:
-        seconds, out = _time_batches(fn, frames, batch)
+    def add(mode: str, precision: str, fn, batch: int, inputs: np.ndarray = frames, **extra) -> None:
+        seconds, out = _time_batches(fn, inputs, batch)
         outputs[(mode, precision)] = out
         rows.append({"mode": mode, "precision": precision, "batch": batch, "ms_per_frame": 1000 * seconds,
-                     "out_wh": [int(out.shape[2]), int(out.shape[1])]})
+                     "out_wh": [int(out.shape[2]), int(out.shape[1])], **extra})
 
-    add("lightweight", "-", Sharpener(), 2)
-    for precision in ("fp32", "bf16"):
-        restorer = Restorer(folder / "GFPGANv1.4.pth", precision, seed=0)
-        add("gfpgan source", precision, SourceAlignedEnhancer(restorer, points, (256, 256)), 2)
-        add("gfpgan source, --enhance_scale 1", precision, SourceAlignedEnhancer(restorer, points, (256, 256), 1), 2)
-        upstream = DetectingEnhancer(restorer, folder / "detection_Resnet50_Final.pth", folder / "parsing_parsenet.pth",
-                                     precision)
+    def detecting(upstream: DetectingEnhancer, background=None):
         faces = DetectedFaces(points[None], np.zeros((1, 5), np.float32))
 
-        def detect_then_enhance(batch: np.ndarray, first: int, upstream=upstream, faces=faces) -> np.ndarray:
+        def run(batch: np.ndarray, first: int) -> np.ndarray:
             bgr = np.ascontiguousarray(batch[..., ::-1])
             upstream.faces(list(bgr))  # the detector's work on every frame
-            out = [enhance_detected(f, faces, lambda c, k=first + i: upstream.restorer(c, [(k, 0)]), upstream.parse)
-                   for i, f in enumerate(bgr)]
+            out = [enhance_detected(f, faces, lambda c, k=first + i: upstream.restorer(c, [(k, 0)]), upstream.parse,
+                                    background=background) for i, f in enumerate(bgr)]
             return np.stack(out)[..., ::-1]
 
-        add("gfpgan detect (upstream)", precision, detect_then_enhance, 1)
-    baseline = next(r for r in rows if r["mode"].startswith("gfpgan detect") and r["precision"] == "fp32")
+        return run
+
+    def on_rgb(fn):
+        """A BGR canvas function as an enhancer stage on RGB frames (the background alone, at twice the size)."""
+        return lambda batch, first: np.stack([fn(np.ascontiguousarray(f[..., ::-1]), (2 * f.shape[1], 2 * f.shape[0]))
+                                              [..., ::-1] for f in batch])
+
+    add("lightweight", "-", Sharpener(), 2)
+    for precision in _enhance_precisions():
+        gfpgan = Restorer(folder / "GFPGANv1.4.pth", precision, seed=0)
+        restoreformer = RestoreFormerRestorer(folder / "RestoreFormer.pth", precision)
+        for name, restorer in (("gfpgan", gfpgan), ("RestoreFormer", restoreformer)):
+            add(f"{name} source", precision, SourceAlignedEnhancer(restorer, points, (256, 256)), 2)
+            add(f"{name} source, --enhance_scale 1", precision, SourceAlignedEnhancer(restorer, points, (256, 256), 1), 2)
+            upstream = DetectingEnhancer(restorer, folder / "detection_Resnet50_Final.pth",
+                                         folder / "parsing_parsenet.pth", precision)
+            add(f"{name} detect" + (" (upstream)" if name == "gfpgan" else ""), precision, detecting(upstream), 1)
+        background = BackgroundUpsampler(folder / "RealESRGAN_x2plus.pth", precision)
+        add("realesrgan, crop mode: whole 256 frame", precision, on_rgb(background), 1)
+        add("realesrgan, full mode, upstream: whole 512 frame", precision, on_rgb(background), 1, full)
+        start = time.perf_counter()
+        still = StillBackground(background, np.ascontiguousarray(picture[..., ::-1]), box)
+        once = time.perf_counter() - start
+        add("realesrgan, full mode: face box per frame", precision, on_rgb(still), 1, full,
+            once_per_video_s=round(once, 2))
+        upstream = DetectingEnhancer(gfpgan, folder / "detection_Resnet50_Final.pth", folder / "parsing_parsenet.pth",
+                                     precision)
+        add("gfpgan detect + realesrgan, full 512 (upstream)", precision, detecting(upstream, background), 1, full)
+        add("gfpgan detect + realesrgan, full 512 (still picture once)", precision, detecting(upstream, still), 1, full,
+            once_per_video_s=round(once, 2))
+    baseline = next(r for r in rows if r["mode"] == "gfpgan detect (upstream)" and r["precision"] == "fp32")
     for r in rows:
         r["speedup_vs_upstream_fp32"] = baseline["ms_per_frame"] / r["ms_per_frame"]
-        if r["precision"] == "bf16":
+        if r["precision"] not in ("fp32", "-"):
             mode = r["mode"]
-            r["psnr_vs_fp32_db"] = _psnr(outputs[(mode, "bf16")] / 255.0, outputs[(mode, "fp32")] / 255.0)
+            r["psnr_vs_fp32_db"] = _psnr(outputs[(mode, r["precision"])] / 255.0, outputs[(mode, "fp32")] / 255.0)
+    full_base = next(r for r in rows if r["mode"] == "gfpgan detect + realesrgan, full 512 (upstream)"
+                     and r["precision"] == "fp32")
+    for r in rows:
+        if "full" in r["mode"]:
+            r["speedup_vs_upstream_full_fp32"] = full_base["ms_per_frame"] / r["ms_per_frame"]
     machine = {"cpu": cpu_name(), "threads": int(__import__("torch").get_num_threads()), "frames": args.frames}
-    lines = [(f"Face enhancer per 256 px frame (output 512 except lightweight and --enhance_scale 1), {machine['cpu']}, "
-              f"{machine['threads']} threads, {args.frames} frames, synthetic weights."), "",
-             "| mode | precision | batch | ms/frame | vs upstream procedure fp32 | PSNR vs fp32 |",
-             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    lines = [(f"Face and background enhancers per frame, {machine['cpu']}, {machine['threads']} threads, "
+              f"{args.frames} frames, synthetic weights. Crop rows: 256 px frames, output 512 (lightweight and "
+              "--enhance_scale 1: 256). Full rows: the 512 px portrait with the face pasted in, output 1024; "
+              "`vs upstream` there is against upstream's full-mode procedure with the background enhancer (last "
+              "column). `once` is the still picture's RealESRGAN pass, paid once per video."), "",
+             "| mode | precision | batch | ms/frame | once (s) | vs upstream gfpgan detect fp32 | vs upstream full fp32 | "
+             "PSNR vs fp32 |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         psnr = f"{r['psnr_vs_fp32_db']:.1f} dB" if "psnr_vs_fp32_db" in r else "-"
+        full_x = f"{r['speedup_vs_upstream_full_fp32']:.2f}x" if "speedup_vs_upstream_full_fp32" in r else "-"
         lines.append(f"| {r['mode']} | {r['precision']} | {r['batch']} | {r['ms_per_frame']:.1f} | "
-                     f"{r['speedup_vs_upstream_fp32']:.2f}x | {psnr} |")
+                     f"{r.get('once_per_video_s', '-')} | {r['speedup_vs_upstream_fp32']:.2f}x | {full_x} | {psnr} |")
     _write_results("enhance", {"machine": machine, "rows": rows}, "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- presets
+
+def _preset_folder(folder: Path) -> Path:
+    """Every synthetic file a preset may ask for, in one folder (the landmark net left out, so `--landmarks auto`
+    keeps the offline backend: synthetic upstream landmarks are random)."""
+    from xtalker.synthetic import default_aux_dir, default_cache_dir, ensure_cached, ensure_pirender, ensure_restorers
+    from xtalker.synthetic.auxiliary import ensure_all_aux
+
+    everything = folder / "checkpoints"
+    everything.mkdir()
+    main = ensure_cached(default_cache_dir())
+    ensure_pirender(main)
+    aux = ensure_restorers(ensure_all_aux(default_aux_dir()))
+    for path in [*main.iterdir(), *aux.iterdir()]:
+        if path.is_file() and not path.name.startswith(".") and path.name != "alignment_WFLW_4HG.pth":
+            (everything / path.name).symlink_to(path)
+    return everything
+
+
+def _preset_run(argv: list[str], folder: Path, name: str) -> tuple[dict, np.ndarray]:
+    from xtalker.media import iter_video_frames
+
+    out, report = folder / f"{name}.mp4", folder / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(REPO / "inference.py"), *argv, "--output", str(out), "--report",
+                           str(report)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"preset run {name} failed:\n{proc.stderr[-2000:]}")
+    data = json.loads(report.read_text())
+    frames = np.stack(list(iter_video_frames(out)[1]))
+    return data, frames
+
+
+def presets(args: argparse.Namespace) -> None:
+    from xtalker.presets import MEASURED_FILE, load_presets
+
+    chosen = load_presets()
+    names = args.presets or list(chosen)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        base = ["--source_image", str(PORTRAIT), "--driven_audio", str(_speech_of_length(args.frames / 25 + 0.05, folder)),
+                "--checkpoint_dir", str(_preset_folder(folder)), "--seed", "1"]
+        references: dict[tuple, np.ndarray] = {}
+        rows = []
+        for name in names:
+            data, frames = _preset_run([*base, "--preset", name], folder, name)
+            settings = data["settings"]
+            stages = data["profile"]["stages_s"]
+            per_frame = (data["profile"]["total_s"] - stages.get("load models", 0.0)) / data["frames"]
+            key = (settings["facerender"], settings["enhancer"], settings["background_enhancer"])
+            if settings["precision"] == "fp32":
+                references.setdefault(key, frames)
+                psnr = None
+            else:
+                if key not in references:
+                    references[key] = _preset_run([*base, "--preset", name, "--precision", "fp32"], folder,
+                                                  f"{name}-fp32")[1]
+                psnr = round(_psnr(frames / 255.0, references[key] / 255.0), 1)
+            rows.append({"preset": name, "s_per_frame": round(per_frame, 2), "psnr_vs_fp32_db": psnr,
+                         "load_s": round(stages.get("load models", 0.0), 1), "frames": data["frames"],
+                         "size_wh": data["size_wh"], "precision": settings["precision"],
+                         "facerender": settings["facerender"], "enhancer": settings["enhancer"],
+                         "background_enhancer": settings["background_enhancer"]})
+            sys.stderr.write(f"preset {name}: {per_frame:.2f} s/frame\n")
+    machine = {"cpu": cpu_name(), "threads": os.cpu_count(), "frames": args.frames,
+               "date": time.strftime("%Y-%m-%d")}
+    lines = [(f"Presets end to end (crop, 256, bundled example, {args.frames} frames, synthetic weights), {machine['cpu']}, "
+              f"{machine['threads']} cores. s/frame: everything after loading the networks (render, enhancers, "
+              "paste, encode) per frame; PSNR: against the same renderer and enhancers in fp32."), "",
+             "| preset | precision | renderer | enhancer | background | s/frame | PSNR vs fp32 | load (s) |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: |"]
+    for r in rows:
+        psnr = "reference" if r["psnr_vs_fp32_db"] is None else f"{r['psnr_vs_fp32_db']} dB"
+        lines.append(f"| {r['preset']} | {r['precision']} | {r['facerender']} | {r['enhancer'] or '-'} | "
+                     f"{r['background_enhancer'] or '-'} | {r['s_per_frame']:.2f} | {psnr} | {r['load_s']} |")
+    _write_results("presets", {"machine": machine, "rows": rows}, "\n".join(lines) + "\n")
+    measured = {"machine": f"{machine['cpu']}, {machine['threads']} cores, {machine['date']}",
+                "presets": {r["preset"]: {"s_per_frame": r["s_per_frame"], "psnr_vs_fp32_db": r["psnr_vs_fp32_db"]}
+                            for r in rows}}
+    MEASURED_FILE.write_text(json.dumps(measured, indent=1) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- landmarks
@@ -1424,6 +1571,9 @@ def main() -> None:
     enh = sub.add_parser("enhance", help="per-frame cost of each face-enhancer mode")
     enh.add_argument("--frames", type=int, default=4)
     enh.add_argument("--aux_dir", type=Path, default=None, help="folder with the aux weights (default: synthetic cache)")
+    pre = sub.add_parser("presets", help="each preset end to end: s/frame and PSNR against its fp32 form")
+    pre.add_argument("--frames", type=int, default=4)
+    pre.add_argument("--presets", nargs="+", default=None, help="default: all of configs/presets.yaml")
     lmk = sub.add_parser("landmarks", help="ms per image of the landmark backends and their networks")
     lmk.add_argument("--repeats", type=int, default=3)
     lmk.add_argument("--aux_dir", type=Path, default=None, help="folder with the aux weights (default: synthetic cache)")
@@ -1479,7 +1629,7 @@ def main() -> None:
     one.add_argument("--batch_size", type=int, default=2)
     args = parser.parse_args()
     suites = {"memory": memory, "speed": speed, "parallel": parallel, "blend": blend, "enhance": enhance,
-              "landmarks": landmarks, "serve": serve, "gpu": gpu}
+              "presets": presets, "landmarks": landmarks, "serve": serve, "gpu": gpu}
     children = {"_speed": _speed_one, "_one": _measure_one, "_gpu_compile": _gpu_compile_one}  # fresh-process measurements, JSON on stdout
     if args.suite in suites:
         suites[args.suite](args)

@@ -100,6 +100,22 @@ def test_list_presets_and_cli_errors():
     assert proc.returncode == 2 and "--driven_audio and --source_image are required" in proc.stderr
 
 
+def test_list_presets_shows_the_measured_numbers_with_the_machine(tmp_path, monkeypatch):
+    from xtalker import presets
+
+    numbers = tmp_path / "measured.json"
+    numbers.write_text('{"machine": "Test CPU, 2 cores, 2026-12-05", "presets": {"quality": {"s_per_frame": 12.5, '
+                       '"psnr_vs_fp32_db": null}, "balanced": {"s_per_frame": 3.25, "psnr_vs_fp32_db": 44.1}}}')
+    monkeypatch.setattr(presets, "MEASURED_FILE", numbers)
+    lines = presets.describe(load_presets()).splitlines()
+    assert lines[lines.index(next(x for x in lines if x.startswith("balanced"))) + 2].split() == [
+        "measured:", "3.25", "s/frame,", "44.1", "dB", "PSNR", "vs", "fp32"]
+    assert "measured: 12.50 s/frame, the fp32 reference" in "\n".join(lines)
+    assert lines[-1].endswith("on Test CPU, 2 cores, 2026-12-05; other machines differ")
+    monkeypatch.setattr(presets, "MEASURED_FILE", tmp_path / "absent.json")
+    assert "measured" not in presets.describe(load_presets())
+
+
 def test_ipex_backend_says_why_it_is_unavailable():
     import importlib.util
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ import yaml
 PRESET_FIELDS: dict[str, type] = {"precision": str, "batch_size": int, "threads": int, "workers": int, "blend": str, "enhancer": str,
                                   "background_enhancer": str, "device": str, "facerender": str}
 AUTO = "auto"
+# Per-preset s/frame and PSNR from the last `scripts/benchmark.py presets` run (shipped with the package).
+MEASURED_FILE = Path(__file__).resolve().parent / "data" / "presets_measured.json"
 AUTO_FIELDS = ("workers", "batch_size")
 # Cores per worker slot for `workers: auto`. On a 2-core VM one 2-thread process renders as fast as two
 # 1-thread workers (76.8 vs 73.9 s, benchmark parallel), so small machines get one process; larger ones get
@@ -93,9 +96,24 @@ def without_none(values: dict[str, Any], given: Any) -> dict[str, Any]:
     return out
 
 
+def measured() -> dict[str, Any]:
+    """What `scripts/benchmark.py presets` last measured ({"machine": ..., "presets": {name: {...}}}), or {}."""
+    try:
+        return json.loads(MEASURED_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
 def describe(presets: dict[str, Preset]) -> str:
+    numbers = measured()
     lines = []
     for p in presets.values():
         settings = ", ".join(f"{k}={v}" for k, v in p.settings.items())
         lines.append(f"{p.name:<12} {settings}\n{'':<12} {p.description}")
+        if (m := numbers.get("presets", {}).get(p.name)) is not None:
+            psnr = "the fp32 reference" if m["psnr_vs_fp32_db"] is None else f"{m['psnr_vs_fp32_db']} dB PSNR vs fp32"
+            lines.append(f"{'':<12} measured: {m['s_per_frame']:.2f} s/frame, {psnr}")
+    if numbers:
+        lines.append(f"\nmeasured by scripts/benchmark.py presets (crop 256, synthetic weights) on {numbers['machine']}; "
+                     "other machines differ")
     return "\n".join(lines)
