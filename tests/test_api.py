@@ -66,6 +66,20 @@ def test_other_settings_load_only_what_they_need(enhancer_checkpoints, tmp_path)
     assert loads(precision="fp32") == () and loads() == ("sadtalker",)
 
 
+def test_enhancer_none_turns_off_a_presets_enhancers(tmp_path):
+    xt = XTalker(tmp_path, preset="quality", warm=False)
+    chosen = xt.config(PORTRAIT, "a.wav")
+    assert (chosen.enhancer, chosen.background_enhancer) == ("RestoreFormer", "realesrgan")
+    off = xt.config(PORTRAIT, "a.wav", enhancer="none")
+    assert (off.enhancer, off.background_enhancer) == (None, None)
+    gfpgan = xt.config(PORTRAIT, "a.wav", enhancer="gfpgan", background_enhancer="None")
+    assert (gfpgan.enhancer, gfpgan.background_enhancer) == ("gfpgan", None)
+    plain = XTalker(tmp_path, warm=False, enhancer="none").config(PORTRAIT, "a.wav", preset="balanced")
+    assert plain.enhancer == "gfpgan"  # a call's preset is over the constructor's options
+    kept = XTalker(tmp_path, preset="quality", warm=False, enhancer="none")
+    assert (kept.config(PORTRAIT, "a.wav").enhancer, kept.config(PORTRAIT, "a.wav").background_enhancer) == (None, None)
+
+
 def test_errors_are_the_clis_one_line_exceptions(xt, tmp_path):
     audio = speech_clip(tmp_path, 1)
     with pytest.raises(ConfigError, match="unknown option pose; options are: .*pose_style"):

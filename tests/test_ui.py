@@ -215,3 +215,16 @@ def test_browser_makes_a_video_and_shows_a_bad_inputs_message(server, media, tmp
         driver.save_screenshot(str(artefact("ui-error.png", tmp_path)))
     finally:
         driver.quit()
+
+
+def test_page_fields_choose_the_enhancers():
+    from xtalker.serve.ui import DEFAULT, NO_PRESET, Page
+
+    fields = [str(PORTRAIT), str(SPEECH), "quality", 256, "crop", False, 0, 1.0]
+    options = Page._options(*fields, DEFAULT, DEFAULT, -1, 0, DEFAULT, 2, DEFAULT)
+    assert "enhancer" not in options and "background_enhancer" not in options  # the preset's
+    options = Page._options(*fields, "none", DEFAULT, -1, 0, DEFAULT, 1, DEFAULT)
+    assert options["enhancer"] == "none" and options["enhance_scale"] == 1 and options["preset"] == "quality"
+    options = Page._options(str(PORTRAIT), str(SPEECH), NO_PRESET, 256, "full", True, 0, 1.0, "RestoreFormer",
+                            DEFAULT, -1, 0, DEFAULT, 2, "realesrgan")
+    assert (options["enhancer"], options["background_enhancer"], options["preset"]) == ("RestoreFormer", "realesrgan", None)

@@ -11,8 +11,9 @@
 
 Options are the CLI's per-video flags by their names (`size`, `preprocess`, `still`, `pose_style`,
 `expression_scale`, `facerender`, `ref_eyeblink`, `ref_pose`, `input_yaw`, `input_pitch`, `input_roll`, `enhancer`,
-`enhance_align`, `blend`, `seed`, `batch_size`, `precision`, `landmarks`, `threads`, ...). Given to the
-constructor they are defaults; given to `generate` they apply to that video. A call whose settings need other
+`enhance_align`, `enhance_scale`, `background_enhancer`, `blend`, `seed`, `batch_size`, `precision`, `landmarks`,
+`threads`, ...). Given to the constructor they are defaults; given to `generate` they apply to that video;
+`enhancer="none"` turns off a preset's enhancer (and its background enhancer). A call whose settings need other
 networks (another size, precision, checkpoint folder, enhancer) loads only those; the SadTalker networks of the
 two most recent settings stay loaded. Errors are the CLI's: one-line exceptions of the types in `USER_ERRORS`.
 """
