@@ -206,3 +206,22 @@ def test_gfpgan_runs_in_the_workers_and_the_merge_pastes(enhancer_checkpoints, t
     assert cli.main(merge) == 0
     info = probe(out)
     assert (info.width, info.frame_count) == (512, 2)
+
+
+def test_restoreformer_and_background_run_in_the_workers(enhancer_checkpoints, pirender_checkpoint, tmp_path):
+    """Full mode: the workers restore the faces on RealESRGAN's face-box canvas; the merge pastes them into the
+    picture, which it upscales once with RealESRGAN (the renderer is PIRender: the cheapest)."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    for path in {p.name: p for p in (*enhancer_checkpoints.iterdir(), pirender_checkpoint)}.values():
+        (ckpt / path.name).symlink_to(path.resolve())
+    out = tmp_path / "restored.mp4"
+    args = [*flags(ckpt, write_clip(tmp_path, 2), out), "--facerender", "pirender", "--no-compile", "--precision",
+            "bf16", "--preprocess", "full", "--still", "--blend", "feather", "--enhancer", "RestoreFormer",
+            "--background_enhancer", "realesrgan"]
+    whole = render_job(args, tmp_path / "one", 1, threads=1)
+    split = render_job(args, tmp_path / "two", 2, threads=1, prepared=tmp_path / "one")
+    assert whole.shape[0] == 2 and np.array_equal(whole, split)
+    assert cli.main([*args, "--job", str(tmp_path / "two"), "--stage", "merge", "--shards", "2"]) == 0
+    info = probe(out)
+    assert (info.width, info.height, info.frame_count) == (1024, 1024, 2)
