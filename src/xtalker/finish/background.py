@@ -13,7 +13,9 @@ RestoreFormer as the face restorer (`--enhancer RestoreFormer`).
   restored crops), RestoreFormer through its fast plan. It draws no noise, so the keys do not matter.
 
 Precision: "fp32" matches the golden cases; any other value runs RestoreFormer's decoder and the RRDBNet in bf16
-(RestoreFormer's encoder and codebook lookup stay fp32; see `models.restoreformer`, `models.rrdbnet`).
+(RestoreFormer's encoder and codebook lookup stay fp32; see `models.restoreformer`, `models.rrdbnet`). "int8" does
+too: measured, int8 costs RestoreFormer's decoder time and the RRDBNet fidelity (`finish.int8`); should
+`finish.int8.ENHANCER_INT8` say otherwise, they run as int8 graphs compiled once and cached in `cache_dir`.
 """
 
 from __future__ import annotations
@@ -25,12 +27,9 @@ import cv2
 import numpy as np
 import torch
 
+from xtalker.finish.int8 import WHOLE_FRAME_MAX_SIDE, enhancer_precision, int8_restoreformer, int8_rrdbnet
 from xtalker.models.rrdbnet import SADTALKER_PRE_PAD, SADTALKER_TILE, SADTALKER_TILE_PAD, RealESRGANer, RRDBNet
 from xtalker.warm import network_key, shared
-
-
-def _net_precision(precision: str) -> str:
-    return "fp32" if precision == "fp32" else "bf16"
 
 
 class BackgroundUpsampler:
@@ -38,7 +37,7 @@ class BackgroundUpsampler:
 
     def __init__(self, path: Path | None = None, precision: str = "fp32", device: str = "cpu",
                  tile: int = SADTALKER_TILE, tile_pad: int = SADTALKER_TILE_PAD, pre_pad: int = SADTALKER_PRE_PAD,
-                 net: RRDBNet | None = None):
+                 net: RRDBNet | None = None, cache_dir: Path | None = None):
         from xtalker.models.rrdbnet import load_rrdbnet
 
         if net is None:
@@ -46,7 +45,13 @@ class BackgroundUpsampler:
                 raise ValueError("BackgroundUpsampler needs the RealESRGAN_x2plus.pth path or a loaded network")
             net = shared("realesrgan_x2plus", network_key(path, device),
                          lambda: load_rrdbnet(path).to(torch.device(device)))
-        self.upsampler = RealESRGANer(net, tile, tile_pad, pre_pad, _net_precision(precision))
+        self.precision = enhancer_precision("realesrgan", precision, device)
+        run = None
+        if self.precision == "int8":
+            max_side = tile + 2 * tile_pad if tile else WHOLE_FRAME_MAX_SIDE
+            run = int8_rrdbnet(net, max_side, cache_dir)
+        # The int8 graph runs the tiles that fit it, the bf16 network the others.
+        self.upsampler = RealESRGANer(net, tile, tile_pad, pre_pad, "fp32" if self.precision == "fp32" else "bf16", run)
 
     def upsample(self, frame_bgr: np.ndarray) -> np.ndarray:
         """RealESRGANer.enhance(frame, outscale=scale): (2H, 2W, 3) BGR uint8."""
@@ -95,14 +100,20 @@ def paste_canvas(upsampled: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
 class RestoreFormerRestorer:
     """RestoreFormer on aligned 512 BGR crops, a drop-in for `finish.enhance.Restorer`."""
 
-    def __init__(self, path: Path, precision: str = "fp32", device: str = "cpu"):
+    def __init__(self, path: Path, precision: str = "fp32", device: str = "cpu", cache_dir: Path | None = None):
         from xtalker.models.restoreformer import load_restoreformer
 
         self.device = torch.device(device)
         self.net = shared("restoreformer", network_key(path, device), lambda: load_restoreformer(path).to(self.device))
-        self.precision = _net_precision(precision)
+        self.precision = enhancer_precision("restoreformer", precision, device)
+        self.int8 = int8_restoreformer(self.net, cache_dir) if self.precision == "int8" else None
 
     def __call__(self, crops: np.ndarray, keys: Sequence[tuple[int, int]] = ()) -> np.ndarray:
-        from xtalker.models.restoreformer import restore_bgr_u8
+        from xtalker.models.gfpgan import postprocess_to_bgr_u8, preprocess_bgr_u8
+        from xtalker.models.restoreformer import SIZE, restore_bgr_u8
 
-        return restore_bgr_u8(self.net, crops, self.precision)
+        if self.int8 is None:
+            return restore_bgr_u8(self.net, crops, self.precision)
+        if len(crops) == 0:
+            return np.zeros((0, SIZE, SIZE, 3), np.uint8)
+        return postprocess_to_bgr_u8(self.int8.restore(preprocess_bgr_u8(np.ascontiguousarray(crops)))).numpy()

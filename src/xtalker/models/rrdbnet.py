@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,16 +221,19 @@ class Upsampled:
 
 class RealESRGANer:
     """RealESRGANer(scale=2, model, tile, tile_pad, pre_pad) for 3-channel uint8 BGR frames, fp32 or bf16
-    (upstream's `half` is fp16 on CUDA only; see the module docstring)."""
+    (upstream's `half` is fp16 on CUDA only; see the module docstring). `run`, when given, replaces
+    `net.run(tile, precision)` for every tile (the int8 graph, `finish.int8`); the tiling stays the same."""
 
     def __init__(self, net: RRDBNet, tile: int = SADTALKER_TILE, tile_pad: int = SADTALKER_TILE_PAD,
-                 pre_pad: int = SADTALKER_PRE_PAD, precision: str = "fp32"):
+                 pre_pad: int = SADTALKER_PRE_PAD, precision: str = "fp32",
+                 run: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         if tile < 0 or tile_pad < 0 or pre_pad < 0:
             raise ValueError(f"tile, tile_pad and pre_pad must be >= 0, got {tile}, {tile_pad}, {pre_pad}")
         self.net, self.scale = net, net.scale
         self.tile, self.tile_pad, self.pre_pad, self.precision = tile, tile_pad, pre_pad, precision
+        self.run = run if run is not None else lambda part: net.run(part, precision)
 
     @property
     def device(self) -> torch.device:
@@ -265,7 +268,7 @@ class RealESRGANer:
         out = x.new_zeros(x.shape[0], 3, x.shape[2] * s, x.shape[3] * s)
         done = []
         for t, part in self.network_inputs(x):
-            y = self.net.run(part, self.precision)
+            y = self.run(part)
             oy0, oy1, ox0, ox1 = t.output_box
             cy0, cy1, cx0, cx1 = t.crop
             out[:, :, oy0:oy1, ox0:ox1] = y[:, :, cy0:cy1, cx0:cx1]

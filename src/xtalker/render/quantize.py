@@ -116,7 +116,7 @@ def backend() -> str:
     """'inc' when Intel Neural Compressor 3.x imports, else 'torchao'; an error saying what to install otherwise."""
     for name, module in (("inc", "neural_compressor.torch.quantization"), ("torchao", "torchao.quantization.pt2e")):
         try:
-            with _quiet_inc():
+            with quiet_libraries():
                 importlib.import_module(module)
         except ImportError:
             continue
@@ -127,7 +127,7 @@ def backend() -> str:
 def check_available() -> str:
     """The quantization engine ('inc' or 'torchao') when int8 can be built here; else why not, and what to do."""
     engine = backend()
-    _check_compiler()
+    check_compiler()
     return engine
 
 
@@ -224,16 +224,16 @@ def _flat_inputs(
     return (kp_source.float().contiguous(), kp_driving.float().contiguous(), *sources)
 
 
-def _module_path(node: fx.Node) -> str:
-    """Dotted path of the innermost generator submodule that emitted `node`, without the wrapper's root."""
+def _module_path(node: fx.Node, root: str = ROOT) -> str:
+    """Dotted path of the innermost submodule that emitted `node`, without the wrapper's `root` attribute."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
     path = list(stack.values())[-1][0]
-    for prefix in (ROOT + ".", "L__self___" + ROOT + "_"):
+    for prefix in (root + ".", "L__self___" + root + "_"):
         if path.startswith(prefix):
             return path[len(prefix) :]
-    return "" if path == ROOT else path
+    return "" if path == root else path
 
 
 def _conv_args(node: fx.Node) -> tuple[fx.Node, fx.Node, Any, list[int], list[int], list[int], int]:
@@ -245,7 +245,7 @@ def _conv_args(node: fx.Node) -> tuple[fx.Node, fx.Node, Any, list[int], list[in
     return x, weight, bias, list(stride), padding, list(dilation), groups
 
 
-class _PlanRewriter:
+class PlanRewriter:
     """Applies a precision plan to the convolutions of an exported (functional) graph.
 
     int8 convolutions are left as `aten.conv2d` for the quantizer; int8 3-D convolutions become one 2-D
@@ -256,9 +256,10 @@ class _PlanRewriter:
     not taken for a `nn.Conv2d` partition.
     """
 
-    def __init__(self, gm: fx.GraphModule, settings: Int8Settings):
+    def __init__(self, gm: fx.GraphModule, settings: Int8Settings, root: str = ROOT):
         self.gm = gm
         self.settings = settings
+        self.root = root
         self.counts: dict[str, dict[str, int]] = {p: {} for p in PRECISIONS}
         self._constants = 0
         values = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
@@ -268,7 +269,7 @@ class _PlanRewriter:
         for node in list(self.gm.graph.nodes):
             if node.op != "call_function" or node.target not in CONV_OPS:
                 continue
-            path = _module_path(node)
+            path = _module_path(node, self.root)
             precision = self.settings.precision_of(path)
             x, weight, bias, stride, padding, dilation, groups = _conv_args(node)
             plain = all(s == 1 for s in stride) and all(d == 1 for d in dilation) and groups == 1
@@ -393,7 +394,7 @@ NOISY_LOGGERS = ("neural_compressor", "torchao", "torch.utils._pytree")
 
 
 @contextlib.contextmanager
-def _quiet_inc() -> Iterator[None]:
+def quiet_libraries() -> Iterator[None]:
     quiet = _QuietLibraries()
     loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
     for logger in loggers:
@@ -433,7 +434,7 @@ def _export(module: nn.Module, args: tuple[torch.Tensor, ...], names: Sequence[s
         return export(2), 2
 
 
-def _functional_graph(program: torch.export.ExportedProgram) -> fx.GraphModule:
+def functional_graph(program: torch.export.ExportedProgram) -> fx.GraphModule:
     """Functional ATen graph, composite ops (conv2d, instance_norm, ...) kept.
 
     In-place ops (the generator's inplace ReLUs and multiplies) become out-of-place ones: in a non-functional
@@ -450,14 +451,14 @@ def _calibrate(model: Callable, batches: Sequence[CalibrationBatch], names: Sequ
             model(*_flat_inputs(batch.features, batch.kp_source, batch.kp_driving, names))
 
 
-def _quantize(
+def quantize_graph(
     gm: fx.GraphModule,
-    shapes: tuple[Any, ...],
-    batches: Sequence[CalibrationBatch],
-    names: Sequence[str],
+    shapes: Any,
+    calibrate: Callable[[nn.Module], None],
     engine: str,
 ) -> nn.Module:
-    """Static PTQ of every `aten.conv2d` left in the graph: observers, calibration, quantize/dequantize pairs.
+    """Static PTQ of every `aten.conv2d` left in the graph: observers, `calibrate(prepared model)` (runs it on
+    representative inputs), quantize/dequantize pairs. `shapes`: the graph's dynamic shapes, as exported.
 
     The graph goes in as it is, not exported again: the quantizer finds convolutions through the source
     metadata of the first export, which a second export would replace.
@@ -472,9 +473,9 @@ def _quantize(
         # What INC's own `export` marks on the graphs it produces; ours is the same kind of graph.
         gm._exported = True
         gm.dynamic_shapes = shapes
-        with _quiet_inc():
+        with quiet_libraries():
             model = prepare(gm, StaticQuantConfig())
-            _calibrate(model, batches, names)
+            calibrate(model)
             return convert(model)
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
@@ -484,11 +485,11 @@ def _quantize(
 
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     model = prepare_pt2e(gm, quantizer)
-    _calibrate(model, batches, names)
+    calibrate(model)
     return convert_pt2e(model)
 
 
-def _compile(model: nn.Module, args: tuple[torch.Tensor, ...], shapes: tuple[Any, ...], package: Path) -> None:
+def compile_package(model: nn.Module, args: tuple[torch.Tensor, ...], shapes: Any, package: Path) -> None:
     """AOTInductor: the quantized graph -> a shared library + constants in one .pt2 file.
 
     Freezing lets inductor fold the weights' quantize/dequantize into prepacked int8 oneDNN convolutions.
@@ -497,7 +498,7 @@ def _compile(model: nn.Module, args: tuple[torch.Tensor, ...], shapes: tuple[Any
     torch._inductor.aoti_compile_and_package(program, package_path=str(package), inductor_configs={"freezing": True})
 
 
-def _check_compiler() -> None:
+def check_compiler() -> None:
     """AOTInductor builds C++: say so before the minutes of calibration rather than after."""
     cxx = torch._inductor.config.cpp.cxx
     compiler = (cxx[-1] if isinstance(cxx, (tuple, list)) else cxx) or "g++"
@@ -618,7 +619,7 @@ def quantize_generator(
             return Int8Generator(generator, *loaded)
     log.warning("int8 generator: no cached graph for this checkpoint, size and settings yet; calibrating, "
                 "quantizing and compiling it once (a few minutes), later runs load it from %s", cache)
-    _check_compiler()
+    check_compiler()
     cache.mkdir(parents=True, exist_ok=True)
     info = _build(generator, calibration, image_size, settings, engine, path)
     write_atomic(meta_path, lambda p: p.write_text(json.dumps(_meta(key, info), indent=1)))
@@ -666,13 +667,13 @@ def _build(
     wrapper = _AnimateGraph(generator, feature_type, names).eval()
     with torch.no_grad():
         program, min_batch = _export(wrapper, args, names, settings.max_batch)
-        rewriter = _PlanRewriter(_functional_graph(program), settings)
+        rewriter = PlanRewriter(functional_graph(program), settings)
         gm = rewriter.run()
         lap("export")
         shapes = _dynamic_shapes(names, min_batch, settings.max_batch)
-        quantized = _quantize(gm, shapes, batches, names, engine)
+        quantized = quantize_graph(gm, shapes, lambda model: _calibrate(model, batches, names), engine)
         lap("calibrate + quantize")
-        write_atomic(path, lambda p: _compile(quantized, args, shapes, p))
+        write_atomic(path, lambda p: compile_package(quantized, args, shapes, p))
         lap("compile")
     return ArtifactInfo(
         path=path,
