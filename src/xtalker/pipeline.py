@@ -396,7 +396,8 @@ def render_frames(
 def finisher(run: PreparedRun, config: InferenceConfig, part: str = "all") -> Finisher:
     """The post-render chain of `run` (see xtalker.finish): all of it, the workers' share or the merge's."""
     settings = FinishSettings(config.blend, config.enhancer, config.enhance_align, config.checkpoint_dir, config.precision,
-                              resolve_device(config.device), config.enhance_scale, config.background_enhancer)
+                              resolve_device(config.device), config.enhance_scale, config.background_enhancer,
+                              config.cache_dir)
     return Finisher(settings, run.image_size, run.crop_size_wh, run.paste, run.face_points, run.seed, part)
 
 

@@ -45,6 +45,7 @@ class FinishSettings:
     device: str = "cpu"  # resolved ("cpu", "cuda:N"): where the enhancer's networks run
     enhance_scale: int = UPSCALE  # a restoring enhancer's output: 2x (upstream) or the rendered size (1)
     background_enhancer: str | None = None  # "realesrgan": RealESRGAN x2plus under the restored faces
+    cache_dir: Path | None = None  # int8 enhancer graphs (the renderer's --cache_dir); None: its default
 
     @property
     def heavy(self) -> bool:
@@ -61,8 +62,8 @@ def scaled_target(target: PasteTarget, factor: int, settings: FinishSettings | N
         from xtalker.finish.background import BackgroundUpsampler
 
         path = check_weights(settings.enhancer, "source", settings.checkpoint_dir, settings.background_enhancer)
-        precision = "fp32" if settings.precision == "fp32" else "bf16"
-        upsampler = BackgroundUpsampler(path[REALESRGAN_FILE], precision, settings.device)
+        upsampler = BackgroundUpsampler(path[REALESRGAN_FILE], settings.precision, settings.device,
+                                        cache_dir=settings.cache_dir)
         bgr = np.ascontiguousarray(target.background[..., ::-1])
         return PasteTarget(np.ascontiguousarray(upsampler(bgr, size_wh)[..., ::-1]), box)
     if factor == 1:
@@ -116,7 +117,8 @@ class Finisher:
                 points = np.asarray(face_points, np.float32) * scale
             plan.append(("enhance", lambda: make_enhancer(
                 settings.enhancer, settings.enhance_align, settings.checkpoint_dir, settings.precision, seed,
-                points, frame_wh, settings.device, settings.enhance_scale, settings.background_enhancer)))
+                points, frame_wh, settings.device, settings.enhance_scale, settings.background_enhancer,
+                cache_dir=settings.cache_dir)))
         heavy_until = len(plan) if settings.heavy else 0
         if paste is not None:
             plan.append(("paste", lambda: _per_frame(
@@ -126,7 +128,7 @@ class Finisher:
             plan.append(("enhance", lambda: make_enhancer(
                 settings.enhancer, settings.enhance_align, settings.checkpoint_dir, settings.precision, seed,
                 device=settings.device, scale=settings.enhance_scale, background=settings.background_enhancer,
-                still=still)))
+                still=still, cache_dir=settings.cache_dir)))
             heavy_until = len(plan)
         chosen = {"all": plan, "worker": plan[:heavy_until], "merge": plan[heavy_until:]}[part]
         self.stages = [(name, build()) for name, build in chosen]
