@@ -30,7 +30,6 @@ the official weights, whose activations are not the synthetic ones'.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
