@@ -128,14 +128,7 @@ def compiled_graph(spec: GraphSpec, cache_dir: str | Path | None = None) -> Comp
 
 
 def _build(spec: GraphSpec, engine: str, path: Path) -> tuple[dict[str, dict[str, int]], dict[str, float]]:
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 2)
-        clock = now
+    lap = quantize.Laps()
 
     module = spec.module.eval()
     settings = quantize.Int8Settings(plan=spec.plan, max_batch=1, calibration_tag=CALIBRATION_TAG)
@@ -154,7 +147,7 @@ def _build(spec: GraphSpec, engine: str, path: Path) -> tuple[dict[str, dict[str
         lap("calibrate + quantize")
         write_atomic(path, lambda p: quantize.compile_package(quantized, spec.example, spec.dynamic_shapes, p))
         lap("compile")
-    return rewriter.counts, timings
+    return rewriter.counts, lap.timings
 
 
 def _flat_shapes(shapes: Any) -> Any:
@@ -357,15 +350,10 @@ class _GFPGANGraph(nn.Module):
         self.register_buffer("final_b", net.final_linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
-        from xtalker.models.gfpgan import LRELU_SLOPE, NUM_LATENTS, STYLE_DIM, _lrelu, _resample
+        from xtalker.models.gfpgan import LRELU_SLOPE, NUM_LATENTS, STYLE_DIM, _resample
 
         net = self.net
-        feat = _lrelu(net.conv_body_first(x))
-        skips = []
-        for block in net.conv_body_down:
-            feat = block(feat)
-            skips.append(feat)
-        feat = _lrelu(net.final_conv(feat))
+        feat, skips = net.down(x)
         latents = (torch.matmul(feat.flatten(1), self.final_t) + self.final_b).view(NUM_LATENTS, 1, STYLE_DIM)
 
         def style_conv(k: int, h: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:

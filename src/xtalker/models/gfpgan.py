@@ -242,15 +242,19 @@ class GFPGANv1Clean(nn.Module):
         net.load_state_dict(used, strict=True, assign=True)
         return net
 
-    def encode(self, x: torch.Tensor) -> Encoded:
-        """U-Net pass: W+ latents from the bottleneck and the SFT conditions from the up path."""
-        _check_input(x)
+    def down(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The U-Net's down path: the bottleneck features (after final_conv) and the skips of every level."""
         feat = _lrelu(self.conv_body_first(x))
         skips = []
         for block in self.conv_body_down:
             feat = block(feat)
             skips.append(feat)
-        feat = _lrelu(self.final_conv(feat))
+        return _lrelu(self.final_conv(feat)), skips
+
+    def encode(self, x: torch.Tensor) -> Encoded:
+        """U-Net pass: W+ latents from the bottleneck and the SFT conditions from the up path."""
+        _check_input(x)
+        feat, skips = self.down(x)
         style_code = self.final_linear(feat.flatten(1)).view(x.shape[0], NUM_LATENTS, STYLE_DIM)
         conditions = []
         for j, block in enumerate(self.conv_body_up):

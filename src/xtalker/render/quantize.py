@@ -640,6 +640,19 @@ def _meta(key: dict[str, Any], info: ArtifactInfo) -> dict[str, Any]:
     }
 
 
+class Laps:
+    """Seconds of consecutive build steps: `lap("export")` closes the step that just ended under that name."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._clock, 2)
+        self._clock = now
+
+
 def _build(
     generator: nn.Module,
     calibration: Calibration,
@@ -648,14 +661,7 @@ def _build(
     engine: str,
     path: Path,
 ) -> ArtifactInfo:
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 2)
-        clock = now
+    lap = Laps()
 
     batches = list(calibration() if callable(calibration) else calibration)
     if not batches:
@@ -683,7 +689,7 @@ def _build(
         max_batch=settings.max_batch,
         fields=tuple(names),
         convolutions=rewriter.counts,
-        timings=timings,
+        timings=lap.timings,
     )
 
 
