@@ -547,6 +547,7 @@ def enhance(args: argparse.Namespace) -> None:
     upstream runs RealESRGAN on every whole frame, XTalker on the picture once per video (reported apart) and on the
     face box per frame."""
     from xtalker.finish.background import BackgroundUpsampler, RestoreFormerRestorer, StillBackground
+    from xtalker.finish.int8 import enhancer_precision
     from xtalker.finish.enhance import (
         DetectedFaces,
         DetectingEnhancer,
@@ -589,13 +590,19 @@ def enhance(args: argparse.Namespace) -> None:
     add("lightweight", "-", Sharpener(), 2)
     for precision in _enhance_precisions():
         gfpgan = Restorer(folder / "GFPGANv1.4.pth", precision, seed=0)
-        restoreformer = RestoreFormerRestorer(folder / "RestoreFormer.pth", precision)
-        for name, restorer in (("gfpgan", gfpgan), ("RestoreFormer", restoreformer)):
+        restorers = [("gfpgan", gfpgan)]
+        if precision == "int8":  # int8 runs RestoreFormer and RealESRGAN in bf16 (finish.int8.ENHANCER_INT8)
+            restorers = [(n, r) for n, r in restorers if enhancer_precision(n, "int8", "cpu") == "int8"]
+        else:
+            restorers.append(("RestoreFormer", RestoreFormerRestorer(folder / "RestoreFormer.pth", precision)))
+        for name, restorer in restorers:
             add(f"{name} source", precision, SourceAlignedEnhancer(restorer, points, (256, 256)), 2)
             add(f"{name} source, --enhance_scale 1", precision, SourceAlignedEnhancer(restorer, points, (256, 256), 1), 2)
             upstream = DetectingEnhancer(restorer, folder / "detection_Resnet50_Final.pth",
                                          folder / "parsing_parsenet.pth", precision)
             add(f"{name} detect" + (" (upstream)" if name == "gfpgan" else ""), precision, detecting(upstream), 1)
+        if precision == "int8" and enhancer_precision("realesrgan", "int8", "cpu") != "int8":
+            continue
         background = BackgroundUpsampler(folder / "RealESRGAN_x2plus.pth", precision)
         add("realesrgan, crop mode: whole 256 frame", precision, on_rgb(background), 1)
         add("realesrgan, full mode, upstream: whole 512 frame", precision, on_rgb(background), 1, full)
