@@ -303,7 +303,8 @@ class DetectingEnhancer:
     def parse(self, faces_bgr: np.ndarray) -> np.ndarray:
         from xtalker.models.parsenet import parse_classes
 
-        return parse_classes(self.parsenet, faces_bgr, self.precision)
+        # ParseNet has no int8 plan: an int8 run parses in bf16.
+        return parse_classes(self.parsenet, faces_bgr, "fp32" if self.precision == "fp32" else "bf16")
 
     def __call__(self, frames: np.ndarray, first: int) -> np.ndarray:
         bgr = list(_bgr(frames))
