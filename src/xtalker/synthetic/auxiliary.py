@@ -130,13 +130,19 @@ def write_aux(path: str | Path, file_name: str) -> str:
     prefix = entry["stored_key_prefix"]
     stored = OrderedDict((prefix + k, v) for k, v in state.items())
     payload = {entry["top_key"]: stored} if entry["top_key"] else stored
+    return save_synthetic(path, file_name, payload, state, digest_group(file_name))
+
+
+def save_synthetic(path: Path, file_name: str, payload: dict, state: dict, group: str) -> str:
+    """`payload` torch-saved at `path` (atomically); returns the content digest of `state` (the tensors it holds)
+    under the key prefix `group`."""
     # A private temp folder keeps concurrent writers apart; saving under the final name there keeps the
     # bytes identical to a direct save (torch.save names the zip records after the file).
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp_dir:
         tmp = Path(tmp_dir) / path.name
         torch.save(payload, tmp)
         tmp.replace(path)
-    digest = content_digest(state, digest_group(file_name))
+    digest = content_digest(state, group)
     log.info("%s: synthetic %s written (digest %s)", path, file_name, digest[:12])
     return digest
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 from xtalker.models.restorerfile import restorers_layout
 from xtalker.models.restoreformer import FILE_NAME as RESTOREFORMER_FILE
 from xtalker.models.rrdbnet import FILE_NAME as REALESRGAN_FILE
-from xtalker.synthetic.auxiliary import default_aux_dir
+from xtalker.synthetic.auxiliary import default_aux_dir, save_synthetic
 from xtalker.synthetic.sadtalker import content_digest, seed_for
 
 log = logging.getLogger(__name__)
@@ -87,15 +86,7 @@ def write_restorer(path: str | Path, file_name: str, top_key: str | None = None)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = synthesize(file_name)
     payload = OrderedDict([(top_key or restorers_layout()[file_name]["top_key"], state)])  # as the reference writer
-    # A private temp folder keeps concurrent writers apart; saving under the final name there keeps the bytes
-    # identical to a direct save (torch.save names the zip records after the file).
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmp_dir:
-        tmp = Path(tmp_dir) / path.name
-        torch.save(payload, tmp)
-        tmp.replace(path)
-    digest = content_digest(state, digest_group(file_name))
-    log.info("%s: synthetic %s written (digest %s)", path, file_name, digest[:12])
-    return digest
+    return save_synthetic(path, file_name, payload, state, digest_group(file_name))
 
 
 def read_back_digest(path: str | Path, file_name: str) -> str:
