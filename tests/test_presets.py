@@ -36,6 +36,8 @@ def test_shipped_presets_parse_and_use_known_settings():
     assert config_for("--preset", "quality", "--background_enhancer", "none").background_enhancer is None
     dropped = config_for("--preset", "quality", "--enhancer", "none")  # no face enhancer: no background either
     assert (dropped.enhancer, dropped.background_enhancer) == (None, None)
+    light = config_for("--preset", "quality", "--enhancer", "lightweight")  # restores no face: no background either
+    assert (light.enhancer, light.background_enhancer) == ("lightweight", None)
     kept = config_for("--preset", "quality", "--enhancer", "gfpgan")
     assert (kept.enhancer, kept.background_enhancer) == ("gfpgan", "realesrgan")
     assert presets["fast"].settings["precision"] == presets["ultra_fast"].settings["precision"] == "int8"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from xtalker import __version__
 from xtalker.config import FACERENDERS, NUM_POSE_STYLES, PRECISIONS, SIZES, InferenceConfig
-from xtalker.finish import ALIGNS, BLENDS
+from xtalker.finish import ALIGNS, BLENDS, check_background, check_enhancer
 from xtalker.preprocess import PREPROCESS_MODES
 
 log = logging.getLogger("xtalker")
@@ -326,8 +326,6 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name):
             return _fail(message, 2)
     if args.enhancer is not None and args.enhancer.lower() != "none":
-        from xtalker.finish import check_enhancer
-
         try:
             check_enhancer(args.enhancer)
         except ValueError as e:
@@ -337,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
     except PresetError as e:
+        return _fail(str(e), 2)
+    try:
+        check_background(config.background_enhancer, config.enhancer)
+    except ValueError as e:
         return _fail(str(e), 2)
 
     from xtalker.api import USER_ERRORS

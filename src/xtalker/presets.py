@@ -84,14 +84,18 @@ def get_preset(name: str, path: Path | None = None) -> Preset:
 
 
 def without_none(values: dict[str, Any], given: Any) -> dict[str, Any]:
-    """`values` with "none" (any case) meaning no enhancer / no background enhancer. A face enhancer turned off by
-    `given` (the settings the user gave, over the preset's) also drops the preset's background enhancer, which only
-    works under one; a background enhancer the user gave is kept (and refused with a clear message)."""
+    """`values` with "none" (any case) meaning no enhancer / no background enhancer. A face enhancer in `given` (the
+    settings the user gave, over the preset's) that restores no face (none, lightweight) also drops the preset's
+    background enhancer, which only works under a restoring one; a background enhancer the user gave is kept (and
+    refused with a clear message)."""
+    from xtalker.finish.enhance import RESTORING
+
     out = dict(values)
     for key in ("enhancer", "background_enhancer"):
         if str(out.get(key)).lower() == "none":
             out[key] = None
-    if out.get("enhancer") is None and "enhancer" in given and "background_enhancer" not in given:
+    restores = str(out.get("enhancer")).lower() in RESTORING
+    if not restores and "enhancer" in given and "background_enhancer" not in given:
         out["background_enhancer"] = None
     return out
 
