@@ -7,6 +7,7 @@ import pytest
 
 from xtalker.finish import Finisher, FinishSettings, PasteTarget, check_background, check_enhancer, check_weights
 from xtalker.finish.enhance import (
+    DetectingEnhancer,
     EnhancerWeightsMissing,
     Restorer,
     Sharpener,
@@ -135,3 +136,12 @@ def test_chain_splits_after_the_heavy_enhancer(aux_checkpoints):
     assert _finisher(aux_checkpoints, "worker", "lightweight", paste=True).stages == []
     assert [n for n, _ in _finisher(aux_checkpoints, "merge", "lightweight", paste=True).stages] == [
         "render", "enhance", "paste"]
+
+
+def test_int8_runs_parse_in_bf16(aux_checkpoints, restorer):
+    # ParseNet has no int8 form: an int8 run's detect path parses as bf16 does (it used to crash).
+    faces = np.random.default_rng(3).integers(0, 256, (1, 512, 512, 3), dtype=np.uint8)
+    files = (aux_checkpoints / "detection_Resnet50_Final.pth", aux_checkpoints / "parsing_parsenet.pth")
+    parsed = {precision: DetectingEnhancer(restorer, *files, precision=precision).parse(faces)
+              for precision in ("int8", "bf16")}
+    assert parsed["int8"].shape == (1, 512, 512) and np.array_equal(parsed["int8"], parsed["bf16"])
