@@ -78,6 +78,7 @@ def test_jsonl_list_with_command_line_defaults(inputs, synthetic_checkpoints, tm
     assert x.shape == y.shape == (2, 256, 256, 3) and not np.array_equal(x, y)  # per-line options apply
 
 
+@pytest.mark.slow  # the CLI's and the API's default-output tests cover the naming
 def test_default_outputs_go_to_the_result_dir(inputs, synthetic_checkpoints, tmp_path):
     listing = inputs / "one.csv"
     listing.write_text("source,audio\nface.png,one.wav\n")

@@ -93,6 +93,7 @@ def test_fingerprint_follows_content_not_paths(clips, tmp_path, local_flyte):
     assert key(audio) != first
 
 
+@pytest.mark.slow  # the same tasks as the single-video workflow tested through pyflyte run, mapped
 def test_batch_renders_every_pair_in_one_map(synthetic_checkpoints, clips, local_flyte, tmp_path):
     videos = flyte.talking_heads(source_images=[str(PORTRAIT)] * 2, driven_audios=[str(c) for c in clips],
                                  checkpoint_dir=str(synthetic_checkpoints), **{**OPTIONS, "threads": 2, "shards": 1})

@@ -132,6 +132,7 @@ def test_batch_with_generator_equals_single_run(net, smooth_batch, reference_pai
     assert (reference_pair[0] - reference_pair[1]).abs().mean() > 1e-2  # the samples are not mixed up
 
 
+@pytest.mark.slow  # test_parity runs every golden case
 def test_golden_gfpgan_v14(golden, synthetic_checkpoints):
     path = golden / "gfpgan_v14_a.safetensors"
     if not path.is_file():

@@ -150,6 +150,7 @@ def test_int8_on_cuda_is_refused():
             cli.config_from_args(args).validate()
 
 
+@pytest.mark.slow  # a benchmark script's smoke test; scripts/gpu_check.sh runs it for real on a GPU
 def test_the_gpu_benchmark_runs_on_the_cpu(synthetic_checkpoints, tmp_path):
     """`scripts/benchmark.py gpu` in its tiniest CPU form (renderer only: one frame, fp32 and the baseline)."""
     cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "gpu", "--device", "cpu", "--sizes", "256",

@@ -94,6 +94,8 @@ def render_job(args: list[str], job: Path, shards: int, threads: int, prepared: 
     return np.concatenate([np.load(Job(job).shard_path(i)) for i in range(shards)])
 
 
+# Shards equal to one process: test_workers_give_the_single_process_video and the GFPGAN workers test show it end to end.
+@pytest.mark.slow
 def test_shards_render_exactly_what_one_process_renders(synthetic_checkpoints, tmp_path):
     args = flags(synthetic_checkpoints, write_clip(tmp_path, 2), tmp_path / "unused.mp4")
     whole = render_job(args, tmp_path / "one", 1, threads=1)

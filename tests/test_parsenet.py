@@ -156,6 +156,7 @@ def test_inference_path(net, faces):
         parse_classes(net, faces[:1], precision="fp16")
 
 
+@pytest.mark.slow  # test_parity runs every golden case
 def test_golden_parsenet(golden, aux_checkpoints):
     path = golden / "parsenet_a.safetensors"
     if not path.is_file():

@@ -189,6 +189,7 @@ def test_wrong_kind_files_say_what_they_look_like(tmp_path, rr_path, rrdb):
 # ---- golden parity -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # test_parity runs every golden case
 @pytest.mark.parametrize("path", CASES, ids=[p.stem for p in CASES])
 def test_golden_case(path, restorer_checkpoints):
     case = Case.open(path)

@@ -56,6 +56,7 @@ def test_sigterm_while_encoding_leaves_no_partial_video(synthetic_checkpoints, c
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # the CLI's SIGTERM tests here and test_parallel's killed-worker resume cover the same paths
 def test_sigterm_stops_a_worker_and_keeps_the_job_resumable(synthetic_checkpoints, clip, tmp_path):
     job = tmp_path / "job"
     base = flags(synthetic_checkpoints, clip, tmp_path / "video.mp4")
