@@ -687,8 +687,9 @@ def presets(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         common = ["--source_image", str(PORTRAIT), "--checkpoint_dir", str(_preset_folder(folder)), "--seed", "1"]
-        one = [*common, "--driven_audio", str(_speech_of_length(1 / 25 + 0.05, folder))]
-        base = [*common, "--driven_audio", str(_speech_of_length(args.frames / 25 + 0.05, folder))]
+        # A frame is 640 samples; 0.15 of one more keeps the count exact.
+        one = [*common, "--driven_audio", str(_speech_of_length(1.15 / 25, folder))]
+        base = [*common, "--driven_audio", str(_speech_of_length((args.frames + 0.15) / 25, folder))]
         references: dict[tuple, np.ndarray] = {}
         rows = []
         for name in names:
