@@ -288,7 +288,9 @@ class DetectingEnhancer:
                                lambda: FaceDetector.from_file(detector_path, device=device))
         self.parsenet = shared("parsenet", network_key(parsenet_path, device),
                                lambda: load_parsenet(parsenet_path).to(torch.device(device)))
-        self.precision, self.scale, self.background = precision, scale, background
+        # ParseNet has fp32 and bf16 plans only: any other run precision (int8, fp16) parses in bf16.
+        self.precision = "fp32" if precision == "fp32" else "bf16"
+        self.scale, self.background = scale, background
 
     def faces(self, frames_bgr: Sequence[np.ndarray]) -> list[DetectedFaces]:
         from xtalker.preprocess import restore_helper_faces
@@ -303,8 +305,7 @@ class DetectingEnhancer:
     def parse(self, faces_bgr: np.ndarray) -> np.ndarray:
         from xtalker.models.parsenet import parse_classes
 
-        # ParseNet has no int8 plan: an int8 run parses in bf16.
-        return parse_classes(self.parsenet, faces_bgr, "fp32" if self.precision == "fp32" else "bf16")
+        return parse_classes(self.parsenet, faces_bgr, self.precision)
 
     def __call__(self, frames: np.ndarray, first: int) -> np.ndarray:
         bgr = list(_bgr(frames))
@@ -349,7 +350,6 @@ def make_enhancer(
     if align not in ALIGNS:
         raise ValueError(f"--enhance_align must be one of {', '.join(ALIGNS)}, got {align!r}")
     paths = check_weights(key, align, checkpoint_dir, background)
-    net_precision = "fp32" if precision == "fp32" else "bf16"
     if key == "gfpgan":
         restorer: FaceRestorer = Restorer(paths[GFPGAN_FILE], precision, seed, device, cache_dir)
     else:
@@ -364,7 +364,7 @@ def make_enhancer(
         if still is not None:
             canvas = StillBackground(canvas, _bgr(still[0]), still[1])
     if align == "detect":
-        return DetectingEnhancer(restorer, paths[RETINAFACE_FILE], paths[PARSENET_FILE], net_precision, device, scale,
+        return DetectingEnhancer(restorer, paths[RETINAFACE_FILE], paths[PARSENET_FILE], precision, device, scale,
                                  canvas)
     if lm5 is None or frame_wh is None:
         raise ValueError("the source-aligned enhancer needs the source face's 5 points and the frame size")
